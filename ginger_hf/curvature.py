@@ -1,0 +1,118 @@
+"""Sampled-label curvature vectors for softmax cross-entropy models (GINGER.md section 3).
+
+The curvature vector of a step is ``c = sqrt(N) * grad( mean_i CE(logits_i, y~_i) )``
+with ``y~_i ~ softmax(logits_i)`` drawn at every position that has a real label and
+``N`` the number of label positions in the optimizer step, i.e.
+``c = sum_i grad CE(logits_i, y~_i) / sqrt(N)``. Micro-batches add their share.
+
+The gradient is taken with ``torch.autograd.grad``: it never touches ``.grad`` and
+never fires distributed data parallel's gradient hooks, so the forward pass can be
+shared with the true loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .optimizer import Ginger, add_curvature
+
+__all__ = ["sample_labels", "sampled_label_loss", "add_sampled_label_curvature", "unwrap_ginger"]
+
+
+def unwrap_ginger(optimizer) -> Ginger | None:
+    """The ``Ginger`` inside wrappers such as accelerate's ``AcceleratedOptimizer``, or ``None``."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, Ginger):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+@torch.no_grad()
+def sample_labels(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, generator: torch.Generator | None = None
+) -> Tensor:
+    """Labels drawn from ``softmax(logits)`` where ``labels != ignore_index``; ``ignore_index`` elsewhere."""
+    mask = labels != ignore_index
+    sampled = torch.full_like(labels, ignore_index)
+    probs = torch.softmax(logits[mask].float(), dim=-1)
+    if probs.numel():
+        sampled[mask] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sampled
+
+
+def sampled_label_loss(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy at labels sampled from the model, and the number of label positions."""
+    sampled = sample_labels(logits, labels, ignore_index, generator)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), sampled.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    return loss, (labels != ignore_index).sum()
+
+
+def add_sampled_label_curvature(
+    logits: Tensor,
+    labels: Tensor,
+    params: Iterable[Tensor] | torch.optim.Optimizer,
+    *,
+    num_items: int | Tensor | None = None,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+    retain_graph: bool = True,
+    grad_scaler: torch.amp.GradScaler | None = None,
+) -> bool:
+    """Add this micro-batch's sampled-label curvature to ``param.curvature``.
+
+    Args:
+        logits: ``(..., vocab)`` logits aligned with ``labels`` (shift them first for causal LMs).
+        labels: integer labels, ``ignore_index`` where there is none.
+        params: the parameters, or the ``Ginger`` optimizer (possibly wrapped): then only the
+            blocks that refresh at the next step get a vector, and nothing is computed on
+            steps that ``curvature_interval`` skips.
+        num_items: label positions in the whole optimizer step (all micro-batches, and all
+            ranks when the optimizer sums curvature over a DDP group, see
+            ``ginger_hf.sync_curvature``; then it is required); defaults to this
+            micro-batch's count, which is right for one process without gradient accumulation.
+        retain_graph: keep the graph so the true loss can be back-propagated afterwards.
+        grad_scaler: an fp16 ``GradScaler``: the sampled loss is scaled like the true loss
+            (no fp16 underflow) and the vector unscaled, as the scaler unscales ``.grad``.
+            Defaults to the wrapper's ``scaler`` (accelerate's ``AcceleratedOptimizer``).
+
+    Returns whether a curvature vector was computed.
+    """
+    if isinstance(params, torch.optim.Optimizer):
+        ginger = unwrap_ginger(params)
+        if ginger is None:
+            raise TypeError("add_sampled_label_curvature: params is an optimizer but not (a wrapper of) ginger_hf.Ginger")
+        if grad_scaler is None:
+            grad_scaler = getattr(params, "scaler", None)
+        if num_items is None and ginger.curvature_group is not None:
+            raise ValueError(
+                "add_sampled_label_curvature: num_items is required when Ginger sums curvature over ranks: pass the "
+                "optimizer step's label count on all ranks, e.g. accelerator.gather(count).sum()"
+            )
+        params = ginger.curvature_params()
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return False
+    loss, count = sampled_label_loss(logits, labels, ignore_index, generator)
+    n = int(num_items if num_items is not None else count)
+    if n <= 0:
+        raise ValueError(f"add_sampled_label_curvature: num_items must be >= 1, got {n}")
+    scale = 1.0 / math.sqrt(n)
+    if grad_scaler is not None and grad_scaler.is_enabled():
+        loss = grad_scaler.scale(loss)
+        scale /= grad_scaler.get_scale()  # a power of two: unscaling is exact, as for .grad
+    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    for p, g in zip(params, grads):
+        add_curvature(p, g.mul(scale) if g is not None else torch.zeros_like(p))
+    return True

@@ -1,0 +1,116 @@
+"""Data-parallel curvature for Ginger, and refusal of sharded parameters.
+
+Rule: Ginger never communicates unless told to. ``sync_curvature(optimizer, model)``
+tells it to when ``model`` is wrapped in ``DistributedDataParallel`` (what
+``accelerator.prepare`` and the Trainer do on several processes); independent
+processes that merely share a process group keep their own curvature.
+
+When told, every step that refreshes ``mc`` curvature sums the pending
+``param.curvature`` vectors over the model's process group with ONE all-reduce of
+one flattened buffer; steps between refreshes and ``curvature="empirical"`` (whose
+vector is the gradient, already reduced by DDP) communicate nothing.
+
+Why a sum and not a mean: a curvature vector is ``sum_i grad CE(y~_i) / sqrt(N)``
+over the N label positions of the optimizer step. Micro-batches add their share
+(like ``.grad`` under accumulation); ranks add theirs the same way, so with
+``num_items`` = the step's label count on ALL ranks the result is exactly the vector
+one process would compute on the whole batch, just as DDP's averaged gradient of
+per-rank mean losses is the whole-batch gradient. (A mean of independent
+zero-mean vectors would shrink ``c c^T`` by the world size.)
+
+Sharded parameters (FSDP flat parameters, DTensor, DeepSpeed ZeRO partitions)
+are out of scope: each rank would see a slice of a tensor and compute a wrong
+curvature model, so ``check_not_sharded`` raises instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["sync_curvature", "check_not_sharded", "check_model_supported", "all_reduce_curvature", "world_size"]
+
+_SUPPORTED = (
+    "Ginger supports one process, or distributed data parallel (DDP: torchrun, accelerate launch "
+    "with distributed_type MULTI_GPU/MULTI_CPU, the Trainer on several processes) where every rank holds "
+    "whole parameters."
+)
+
+
+def _sharded_kind(param: Any) -> str | None:
+    """Name of the sharding scheme ``param`` belongs to, or ``None`` for an ordinary tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        DTensor = ()
+    if isinstance(param, DTensor):
+        return "DTensor (FSDP2 fully_shard / tensor parallel)"
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
+        return "FSDP flat parameter"
+    if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
+        return "DeepSpeed ZeRO partitioned parameter"
+    return None
+
+
+def check_not_sharded(params) -> None:
+    """Raise ``TypeError`` if any parameter is a shard of a larger tensor (FSDP, DTensor, DeepSpeed ZeRO)."""
+    for p in params:
+        kind = _sharded_kind(p)
+        if kind is not None:
+            raise TypeError(
+                f"Ginger: got a {kind} of shape {tuple(p.shape)}. Sharded parameters (FSDP, DeepSpeed ZeRO, "
+                f"DTensor) are not supported: each rank would build its curvature model from a slice. {_SUPPORTED}"
+            )
+
+
+def check_model_supported(model: Any) -> None:
+    """Raise ``TypeError`` for FSDP- or DeepSpeed-wrapped models, and for sharded parameters."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    wrapper = names & {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine"}
+    if wrapper:
+        raise TypeError(f"Ginger: the model is wrapped in {sorted(wrapper)[0]}, which shards parameters. {_SUPPORTED}")
+    if isinstance(model, torch.nn.Module):
+        check_not_sharded(model.parameters())
+
+
+def world_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def sync_curvature(optimizer, model) -> bool:
+    """Make the Ginger in ``optimizer`` sum ``mc`` curvature over ``model``'s data-parallel group.
+
+    Call once after wrapping, e.g. after ``accelerator.prepare(model, optimizer, ...)``.
+    Returns whether curvature will be synchronised (``model`` is DDP-wrapped). Raises
+    ``TypeError`` for FSDP / DeepSpeed models or when ``optimizer`` holds no Ginger.
+    """
+    from .curvature import unwrap_ginger
+
+    ginger = unwrap_ginger(optimizer)
+    if ginger is None:
+        raise TypeError(f"sync_curvature: optimizer must be (a wrapper of) ginger_hf.Ginger, got {type(optimizer).__name__}")
+    check_model_supported(model)
+    group = None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and dist.get_world_size(model.process_group) > 1:
+        group = model.process_group
+    ginger.curvature_group = group
+    return group is not None
+
+
+def all_reduce_curvature(vectors: list[Tensor], group) -> list[Tensor]:
+    """Sum ``vectors`` over ``group`` with one all-reduce of one flat buffer; returns the summed vectors.
+
+    The buffer is float32 (or wider if a vector is wider), so bf16/fp16 vectors are summed
+    without extra rounding. Every rank must pass vectors of the same shapes in the same order.
+    """
+    if not vectors:
+        return []
+    dtype = torch.float32
+    for v in vectors:
+        dtype = torch.promote_types(dtype, v.dtype)
+    flat = torch.cat([v.reshape(-1).to(dtype) for v in vectors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return [chunk.view_as(v) for chunk, v in zip(flat.split([v.numel() for v in vectors]), vectors)]

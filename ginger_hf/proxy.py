@@ -1,0 +1,172 @@
+"""The offline proxy task behind scripts/compare.py and scripts/sweep_lr.py.
+
+A small T5 built from a config (no hub), trained from scratch on the bundled
+debsum sample (Debian package descriptions -> one-line synopses) with the stock
+``Seq2SeqTrainer``, so optimizers can be compared on a laptop in minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments,
+                          T5Config, T5ForConditionalGeneration, TrainerCallback)
+
+from .summarization import decode_predictions, compute_rouge, preprocess
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEBSUM_DIR = DATA_DIR / "debsum"
+TOKENIZER_DIR = DATA_DIR / "tokenizer"
+
+# 4+4 layers, d_model 256: ~8.4M parameters (FINDINGS: ~0.6 s per AdamW step at batch 32 here).
+PROXY_CONFIG = dict(d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=8,
+                    dropout_rate=0.0)
+MAX_SOURCE_LENGTH = 128  # keeps ~80% of debsum documents whole
+MAX_TARGET_LENGTH = 32   # every debsum summary fits
+
+# TrainingArguments for each optimizer name the main job accepts. Betas follow GINGER.md section 5
+# (0.9, 0.99) for Ginger and AdamW; Adafactor (transformers' T5 setting: no relative step) ignores them.
+OPTIMIZERS = {
+    "ginger": dict(optim="ginger", optim_args="tau=4,damping=1e-5,rho=1", adam_beta1=0.9, adam_beta2=0.99),
+    "adamw": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0),
+    "adafactor": dict(optim="adafactor"),
+}
+
+
+def load_tokenizer(path: str | Path = TOKENIZER_DIR):
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_debsum(splits=("train", "validation")):
+    """The bundled sample as a ``DatasetDict`` (local gzipped JSONL; works offline)."""
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files={s: str(DEBSUM_DIR / f"{s}.jsonl.gz") for s in splits})
+
+
+def sane_init_(model: T5ForConditionalGeneration) -> T5ForConditionalGeneration:
+    """Give a from-scratch T5 weights that first-order and Ginger steps can move evenly.
+
+    T5's stock init assumes Adafactor's relative step sizes: the shared embedding has
+    std 1 while attention query weights have std ~0.01 (FINDINGS.md), so an Adam-style
+    step of fixed size barely moves the one and swamps the other, and training stalls at
+    word-frequency level. Here every linear layer gets std 1/sqrt(fan_in); the query
+    keeps its extra 1/sqrt(d_kv) (T5 folds the attention-logit scaling into it), and the
+    shared embedding gets std 1/sqrt(d_model) with the output rescaling turned off
+    (config ``tie_word_embeddings=False``: transformers 5 still ties the embeddings and
+    only drops the d_model**-0.5 output scaling), so attention and output logits have
+    their stock scale at step 0.
+    """
+    cfg = model.config
+    if cfg.scale_decoder_outputs:
+        raise ValueError("sane_init_: build the model with tie_word_embeddings=False (see the docstring)")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and module.weight is not model.shared.weight:
+                std = module.in_features ** -0.5
+                if name.endswith(".q"):
+                    std *= cfg.d_kv ** -0.5
+                module.weight.normal_(0.0, std)
+        model.shared.weight.normal_(0.0, cfg.d_model ** -0.5)
+    return model
+
+
+def build_model(tokenizer, seed: int = 0, **overrides) -> T5ForConditionalGeneration:
+    """A fresh T5 for the tokenizer's vocabulary with ``sane_init_``; ``overrides`` go to ``T5Config``."""
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False, **{**PROXY_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    return sane_init_(T5ForConditionalGeneration(config))
+
+
+def tokenize_splits(raw, tokenizer, sizes: dict[str, int]):
+    """First ``sizes[split]`` rows of each split, tokenized for the Trainer."""
+    out = {}
+    for split, n in sizes.items():
+        ds = raw[split]
+        if n > len(ds):
+            raise ValueError(f"{split} size {n} exceeds the {len(ds)} rows bundled")
+        ds = ds.select(range(n))
+        out[split] = ds.map(preprocess, batched=True, remove_columns=ds.column_names,
+                            fn_kwargs=dict(tokenizer=tokenizer, max_source_length=MAX_SOURCE_LENGTH,
+                                           max_target_length=MAX_TARGET_LENGTH))
+    return out
+
+
+class EvalClock(TrainerCallback):
+    """Records (step, training seconds, eval loss) at each evaluation; training seconds exclude eval time."""
+
+    def __init__(self):
+        self.points, self._start, self._eval_seconds = [], None, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self._start is None or not metrics or "eval_loss" not in metrics:
+            return
+        self._eval_seconds += metrics.get("eval_runtime", 0.0)
+        self.points.append({"step": state.global_step, "train_seconds": round(self.train_seconds(), 3),
+                            "eval_loss": metrics["eval_loss"]})
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self._start - self._eval_seconds
+
+
+def optimizer_state_mb(optimizer) -> float:
+    """Megabytes (1e6 bytes) held in the optimizer's state tensors."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total / 1e6
+
+
+def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer,
+        batch_size: int = 32, eval_steps: int | None = None, rouge_size: int = 100, seed: int = 0,
+        warmup_ratio: float = 0.05, model_overrides: dict | None = None, disable_tqdm: bool = False) -> dict:
+    """Train a fresh proxy T5 with one optimizer; return its report row (see scripts/compare.py)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if optimizer == "ginger":
+        import ginger_hf  # noqa: F401  (registers optim="ginger" with transformers)
+    model = build_model(tokenizer, seed=seed, **(model_overrides or {}))
+    eval_steps = eval_steps or max(1, max_steps // 5)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2 * batch_size, learning_rate=lr, lr_scheduler_type="linear",
+        warmup_steps=math.ceil(warmup_ratio * max_steps), max_grad_norm=1.0, seed=seed, data_seed=seed,
+        train_sampling_strategy="group_by_length", eval_strategy="steps", eval_steps=eval_steps, eval_on_start=True,
+        logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=disable_tqdm, generation_max_length=MAX_TARGET_LENGTH,
+        generation_num_beams=1, **OPTIMIZERS[optimizer],
+    )
+    clock = EvalClock()
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
+                             callbacks=[clock])
+    trainer.train()
+    train_seconds = clock.train_seconds()
+    if not clock.points or clock.points[-1]["step"] != max_steps:
+        trainer.evaluate()
+    # ROUGE: greedy generation on the first `rouge_size` validation examples.
+    subset = data["validation"].select(range(min(rouge_size, len(data["validation"]))))
+    pred = trainer.predict(subset, metric_key_prefix="gen", predict_with_generate=True)
+    preds, refs = decode_predictions(tokenizer, pred.predictions, pred.label_ids)
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    return {
+        "optimizer": optimizer, "optim": args.optim if isinstance(args.optim, str) else args.optim.value, "lr": lr,
+        "max_steps": max_steps, "batch_size": batch_size, "eval_loss": clock.points[-1]["eval_loss"],
+        **compute_rouge(preds, refs), "rouge_examples": len(subset),
+        "sec_per_step": train_seconds / max_steps, "train_seconds": train_seconds,
+        "optimizer_state_mb": optimizer_state_mb(trainer.optimizer),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "eval_curve": clock.points, "train_loss_curve": losses,
+        "samples": [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]],
+    }
