@@ -1,9 +1,11 @@
 """Data-parallel curvature for Ginger, and refusal of sharded parameters.
 
-Rule: Ginger never communicates unless told to. ``sync_curvature(optimizer, model)``
-tells it to when ``model`` is wrapped in ``DistributedDataParallel`` (what
-``accelerator.prepare`` and the Trainer do on several processes); independent
-processes that merely share a process group keep their own curvature.
+Rule: Ginger never communicates unless told to. In plain loops
+``sync_curvature(optimizer, model)`` tells it to when ``model`` is wrapped in
+``DistributedDataParallel`` (what ``accelerator.prepare`` does on several processes);
+the Trainer integration uses ``trainer_curvature_group()`` (the Trainer DDP-wraps
+whenever accelerate runs several processes). Independent processes that merely
+share a process group keep their own curvature.
 
 When told, every step that refreshes ``mc`` curvature sums the pending
 ``param.curvature`` vectors over the model's process group with ONE all-reduce of
@@ -31,7 +33,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["sync_curvature", "check_not_sharded", "check_model_supported", "all_reduce_curvature", "world_size"]
+__all__ = [
+    "sync_curvature",
+    "trainer_curvature_group",
+    "check_not_sharded",
+    "check_model_supported",
+    "check_accelerate_supported",
+    "all_reduce_curvature",
+    "world_size",
+]
 
 _SUPPORTED = (
     "Ginger supports one process, or distributed data parallel (DDP: torchrun, accelerate launch "
@@ -76,6 +86,42 @@ def check_model_supported(model: Any) -> None:
         check_not_sharded(model.parameters())
 
 
+def _accelerate_state() -> tuple[str | None, int]:
+    """accelerate's distributed type (``"MULTI_GPU"``, ``"FSDP"``, ...) and process count, if it is set up."""
+    try:
+        from accelerate.state import PartialState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None, 1
+    shared = PartialState._shared_state  # read without creating a state
+    kind = shared.get("distributed_type")
+    return (None if kind is None else str(getattr(kind, "value", kind))), int(shared.get("num_processes", 1) or 1)
+
+
+def check_accelerate_supported() -> None:
+    """Raise ``TypeError`` if accelerate is set up for FSDP, DeepSpeed or Megatron-LM.
+
+    DeepSpeed ZeRO-1/2 hands the optimizer flat partitions that carry no mark, so the
+    accelerate configuration is the only place to see it.
+    """
+    kind, _ = _accelerate_state()
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise TypeError(f"Ginger: accelerate is configured for {kind}, which shards parameters. {_SUPPORTED}")
+
+
+def trainer_curvature_group():
+    """The group to sum curvature over inside the Trainer, or ``None`` for one process.
+
+    The Trainer DDP-wraps its model whenever accelerate runs several processes without
+    FSDP / DeepSpeed (refused here), so that is the rule. Call after the Trainer's
+    ``Accelerator`` exists (``create_optimizer`` runs after it).
+    """
+    check_accelerate_supported()
+    kind, processes = _accelerate_state()
+    if processes > 1 and kind not in (None, "NO", "XLA") and dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
 def world_size(group) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
@@ -93,6 +139,7 @@ def sync_curvature(optimizer, model) -> bool:
     if ginger is None:
         raise TypeError(f"sync_curvature: optimizer must be (a wrapper of) ginger_hf.Ginger, got {type(optimizer).__name__}")
     check_model_supported(model)
+    check_accelerate_supported()
     group = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and dist.get_world_size(model.process_group) > 1:
         group = model.process_group

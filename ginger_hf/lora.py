@@ -1,10 +1,13 @@
 """Which trainable parameters get Ginger, which get AdamW, and which LoRA pairs form one block.
 
-``--optim_target_modules`` (transformers' own field, matched with transformers'
-``check_target_module_exists``, so a list matches by name or substring and a string is a
-full-match regex; ``"all-linear"`` means every ``nn.Linear``) selects the modules whose
-parameters, and those of their sub-modules, get Ginger. The other trainable parameters get
-an AdamW update inside the same ``Ginger`` optimizer (``algorithm="adamw"`` groups).
+``--optim_target_modules`` (transformers' own field) selects the modules whose parameters,
+and those of their sub-modules, get Ginger. Each pattern (the string, or each list
+entry) is a regex that must match the module's full name or a dotted suffix of it, so
+``"q|v"`` (what a command line can pass) and ``["q", "v"]`` both select modules named
+``....q`` and ``....v``, as peft's ``target_modules`` does; ``"all-linear"`` means every
+``nn.Linear``. (transformers' GaLore matching treats list entries as substrings, so ``"v"``
+would also hit ``...modules_to_save...``; suffix matching avoids that.) The other trainable
+parameters get an AdamW update inside the same ``Ginger`` optimizer (``algorithm="adamw"`` groups).
 Frozen parameters are never given to the optimizer, so they carry no state.
 
 ``lora_blocks="joint"`` makes the A and B matrices of each peft LoRA module (and adapter)
@@ -29,19 +32,22 @@ _LORA_PARAM = re.compile(r"^(?P<parent>.*)\.lora_(?:embedding_)?[AB]\.(?P<adapte
 
 def _targeted_names(model: nn.Module, target_modules: str | list[str]) -> set[str]:
     """Names of parameters inside a module that ``target_modules`` selects."""
-    from transformers.trainer_utils import check_target_module_exists
-
     if not isinstance(target_modules, (str, list, tuple)):
         raise TypeError(
             f"optim_target_modules must be a list of module names, a regex string or 'all-linear', got {target_modules!r}"
         )
     all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
-    targets = list(target_modules) if isinstance(target_modules, tuple) else target_modules
+    patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    try:
+        compiled = [re.compile(rf"(?:.*\.)?(?:{t})") for t in patterns]
+    except re.error as e:
+        raise ValueError(f"optim_target_modules: {target_modules!r} is not a valid regex ({e})") from None
+    matches = lambda name: any(c.fullmatch(name) for c in compiled)  # noqa: E731
     selected = set()
     for module_name, module in model.named_modules():
         if not module_name:
             continue
-        hit = isinstance(module, nn.Linear) if all_linear else check_target_module_exists(targets, module_name)
+        hit = isinstance(module, nn.Linear) if all_linear else matches(module_name)
         if hit:
             selected.update(f"{module_name}.{n}" for n, _ in module.named_parameters())
     return selected

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import fused
 from .distributed import all_reduce_curvature, check_not_sharded, world_size
 
 __all__ = ["Ginger", "CURVATURE_MODES", "get_curvature", "set_curvature", "add_curvature", "clear_curvature"]
@@ -333,7 +334,7 @@ class Ginger(Optimizer):
 
         # One host synchronisation for the whole step: which blocks have finite inputs.
         checks = [
-            torch.isfinite(g).all() & (torch.isfinite(c).all() if c is not None and c is not g else True)
+            fused.all_finite(g) & (fused.all_finite(c) if c is not None and c is not g else True)
             for _, blocks in plan
             for _, _, g, c in blocks
         ]
@@ -378,7 +379,7 @@ class Ginger(Optimizer):
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 )
                 continue
-            F.ginger(
+            fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
                 targets, grads, curvs, ms, Us, ss, steps,
                 lr=group["lr"], beta1=beta1, beta2=beta2, damping=group["damping"], rho=group["rho"],
                 weight_decay=group["weight_decay"],

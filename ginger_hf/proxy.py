@@ -1,5 +1,7 @@
 """The offline proxy task behind scripts/compare.py and scripts/sweep_lr.py.
 
+Importing this module imports ``ginger_hf``, which registers ``optim="ginger"`` with transformers.
+
 A small T5 built from a config (no hub), trained from scratch on the bundled
 debsum sample (Debian package descriptions -> one-line synopses) with the stock
 ``Seq2SeqTrainer``, so optimizers can be compared on a laptop in minutes.
@@ -22,11 +24,22 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEBSUM_DIR = DATA_DIR / "debsum"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 
-# 4+4 layers, d_model 256: ~8.4M parameters (FINDINGS: ~0.6 s per AdamW step at batch 32 here).
-PROXY_CONFIG = dict(d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=8,
+# 2+2 layers, d_model 128: ~1.4M parameters. Much smaller than FINDINGS' 8.4M proxy so that
+# two optimizers (Ginger's step costs two backward passes) fit 15 minutes on 2 shared CPU cores.
+PROXY_CONFIG = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
                     dropout_rate=0.0)
-MAX_SOURCE_LENGTH = 128  # keeps ~80% of debsum documents whole
+MAX_SOURCE_LENGTH = 128  # keeps ~80% of debsum documents whole (FINDINGS)
 MAX_TARGET_LENGTH = 32   # every debsum summary fits
+
+# The offline default (scripts/compare.py with no arguments), sized to finish in well under
+# 15 minutes on a 2-core CPU for two optimizers.
+DEFAULT_MAX_STEPS = 300
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_EVAL_SIZE = 128  # validation rows for the eval loss
+DEFAULT_ROUGE_SIZE = 100  # validation rows generated for ROUGE
+# Default learning rate per optimizer on this task: the best final eval loss in scripts/sweep_lr.py
+# (100 steps, 3 lrs each; results in README "Results"; adafactor's best was its largest lr tried).
+DEFAULT_LR = {"ginger": 1e-3, "adamw": 3e-3, "adafactor": 3e-3}
 
 # TrainingArguments for each optimizer name the main job accepts. Betas follow GINGER.md section 5
 # (0.9, 0.99) for Ginger and AdamW; Adafactor (transformers' T5 setting: no relative step) ignores them.
@@ -51,14 +64,15 @@ def load_debsum(splits=("train", "validation")):
 def sane_init_(model: T5ForConditionalGeneration) -> T5ForConditionalGeneration:
     """Give a from-scratch T5 weights that first-order and Ginger steps can move evenly.
 
-    T5's stock init assumes Adafactor's relative step sizes: the shared embedding has
-    std 1 while attention query weights have std ~0.01 (FINDINGS.md), so an Adam-style
-    step of fixed size barely moves the one and swamps the other, and training stalls at
-    word-frequency level. Here every linear layer gets std 1/sqrt(fan_in); the query
-    keeps its extra 1/sqrt(d_kv) (T5 folds the attention-logit scaling into it), and the
-    shared embedding gets std 1/sqrt(d_model) with the output rescaling turned off
-    (config ``tie_word_embeddings=False``: transformers 5 still ties the embeddings and
-    only drops the d_model**-0.5 output scaling), so attention and output logits have
+    T5's stock init assumes Adafactor's relative step sizes: the shared embedding (which is
+    also the output layer) has std 1 while the linear layers have std 1/sqrt(fan_in) and
+    query weights ~0.01 (FINDINGS.md), so an Adam-style step of fixed size barely moves
+    the one and swamps the other, and training stalls at word-frequency level. Here every
+    linear layer is drawn with std 1/sqrt(fan_in) (the query keeps its extra 1/sqrt(d_kv):
+    T5 folds the attention-logit scaling into it, so attention logits keep their stock
+    scale), and the shared embedding gets std 1/sqrt(d_model) with the output rescaling
+    turned off (config ``tie_word_embeddings=False``: transformers 5 still ties the
+    embeddings and only drops the d_model**-0.5 output factor), so output logits also keep
     their stock scale at step 0.
     """
     cfg = model.config
@@ -129,13 +143,12 @@ def optimizer_state_mb(optimizer) -> float:
 
 
 def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer,
-        batch_size: int = 32, eval_steps: int | None = None, rouge_size: int = 100, seed: int = 0,
-        warmup_ratio: float = 0.05, model_overrides: dict | None = None, disable_tqdm: bool = False) -> dict:
+        batch_size: int = DEFAULT_BATCH_SIZE, eval_steps: int | None = None, rouge_size: int = DEFAULT_ROUGE_SIZE,
+        seed: int = 0, warmup_ratio: float = 0.05, model_overrides: dict | None = None,
+        disable_tqdm: bool = False) -> dict:
     """Train a fresh proxy T5 with one optimizer; return its report row (see scripts/compare.py)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    if optimizer == "ginger":
-        import ginger_hf  # noqa: F401  (registers optim="ginger" with transformers)
     model = build_model(tokenizer, seed=seed, **(model_overrides or {}))
     eval_steps = eval_steps or max(1, max_steps // 5)
     args = Seq2SeqTrainingArguments(
@@ -155,10 +168,14 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
     train_seconds = clock.train_seconds()
     if not clock.points or clock.points[-1]["step"] != max_steps:
         trainer.evaluate()
-    # ROUGE: greedy generation on the first `rouge_size` validation examples.
+    # ROUGE: greedy generation on the first `rouge_size` validation examples; no_repeat_ngram_size=3 (as
+    # in BART's summarization setting) stops a barely trained model from repeating one token to the limit.
     subset = data["validation"].select(range(min(rouge_size, len(data["validation"]))))
-    pred = trainer.predict(subset, metric_key_prefix="gen", predict_with_generate=True)
-    preds, refs = decode_predictions(tokenizer, pred.predictions, pred.label_ids)
+    preds, refs = [], []
+    if len(subset):
+        trainer.args.predict_with_generate = True  # only now: evaluations during training stay loss-only
+        pred = trainer.predict(subset, metric_key_prefix="gen", no_repeat_ngram_size=3)
+        preds, refs = decode_predictions(tokenizer, pred.predictions, pred.label_ids)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return {
         "optimizer": optimizer, "optim": args.optim if isinstance(args.optim, str) else args.optim.value, "lr": lr,

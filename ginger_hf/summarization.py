@@ -58,8 +58,8 @@ def rouge_metric(tokenizer):
     def compute_metrics(eval_pred):
         preds, refs = decode_predictions(tokenizer, eval_pred.predictions, eval_pred.label_ids)
         metrics = compute_rouge(preds, refs)
-        lengths = [np.count_nonzero(row != tokenizer.pad_token_id) for row in np.where(eval_pred.predictions < 0, tokenizer.pad_token_id, eval_pred.predictions)]
-        metrics["gen_len"] = float(np.mean(lengths)) if lengths else 0.0
+        generated = np.asarray(eval_pred.predictions)
+        metrics["gen_len"] = float(np.mean(np.count_nonzero((generated >= 0) & (generated != tokenizer.pad_token_id), axis=-1)))
         return metrics
 
     return compute_metrics

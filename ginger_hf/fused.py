@@ -1,0 +1,400 @@
+"""A Ginger step in two streaming passes over the state: the fast path the optimizer uses.
+
+Same signature and result (to rounding) as ``functional.ginger``, which stays the
+reference. GINGER.md section 4: per block, with ``U`` (n, d) rows, on a refresh step
+
+* pass 1 reads ``U, c, g, m``, writes ``m <- lerp(m, g, 1 - beta1)`` and forms the
+  sums ``G = U U^T``, ``U c``, ``U m``, ``c.c``, ``c.m`` (float32 products, float64 sums);
+* the small problems of all blocks of equal rank are solved together in float64:
+  ``W = G^{-1/2}`` makes ``W U`` exactly orthonormal (so rounding never accumulates in
+  ``U``), then the rank-one EMA update gives the new basis as ``U_new = M U + b c^T``
+  and the direction as ``u = scale * (m - U^T a - beta c)``, all from those sums;
+* pass 2 reads ``U, c, m`` and the parameter, writes the parameter and ``U_new`` in place.
+
+Between refreshes pass 1 forms only ``U m`` and pass 2 does not write ``U``. Nothing of
+size ``d * tau`` is allocated. Where ``c`` lies almost in the span of ``U`` (residual
+below ``_FAST_RESIDUAL * ||c||``) the implicit residual ``c - U^T k`` would lose
+digits, so that block's curvature update runs the reference code instead (rare).
+
+Two backends run the passes: a small C++ kernel (``_cpu_kernel.cpp``, float32/bfloat16
+on CPU, built once with the system compiler and loaded with ctypes) and pure torch
+(any device and dtype, in cache-sized column chunks), used when the kernel is
+unavailable or does not cover the case.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["ginger", "all_finite", "kernel_available"]
+
+# Below this residual fraction ||c - U^T U c|| / ||c|| the block falls back to the reference
+# curvature update: the implicit basis rotation would cost ~eps / fraction of orthonormality.
+_FAST_RESIDUAL = 1e-2
+# Columns per chunk of the torch backend (temporaries are (n + 2) * chunk numbers).
+_TORCH_CHUNK = {"cpu": 1 << 15}
+_TORCH_CHUNK_DEFAULT = 1 << 22
+# Below this many elements in a call, one thread does the whole pass.
+_SERIAL_ELEMENTS = 1 << 16
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_KERNEL_SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
+_kernel = None
+_kernel_tried = False
+_kernel_lock = threading.Lock()
+
+
+# -- the C++ kernel -------------------------------------------------------------------
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GINGER_HF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ginger_hf"
+    )
+    return Path(root)
+
+
+def _build_kernel() -> ctypes.CDLL | None:
+    """Compile ``_cpu_kernel.cpp`` once per source/compiler/CPU and load it; ``None`` if impossible."""
+    if os.environ.get("GINGER_HF_KERNEL", "1") == "0" or not _KERNEL_SOURCE.exists():
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        return None
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-march=native")
+    else:
+        flags.append("-mcpu=native")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cpu = ""
+    try:
+        cpu = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    key = hashlib.sha256("\0".join([_KERNEL_SOURCE.read_text(), cxx, version, " ".join(flags), cpu]).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"ginger_cpu_{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+        os.close(fd)
+        try:
+            proc = subprocess.run([cxx, *flags, str(_KERNEL_SOURCE), "-o", tmp], capture_output=True, text=True)
+            if proc.returncode != 0:
+                warnings.warn(f"ginger_hf: could not build the CPU kernel, using the torch path:\n{proc.stderr[-2000:]}")
+                return None
+            os.replace(tmp, lib)  # atomic: concurrent builders (e.g. DDP ranks) do not clash
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    dll = ctypes.CDLL(str(lib))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    dll.ginger_pass1.argtypes = [i, i, i, p, p, f, p, i, i]
+    dll.ginger_pass2.argtypes = [i, i, i, p, p, p, i, i]
+    dll.ginger_supported_rank.argtypes = [i]
+    return dll
+
+
+def _get_kernel() -> ctypes.CDLL | None:
+    global _kernel, _kernel_tried
+    if not _kernel_tried:
+        with _kernel_lock:
+            if not _kernel_tried:
+                try:
+                    _kernel = _build_kernel()
+                except Exception as exc:  # a broken toolchain must not break training
+                    warnings.warn(f"ginger_hf: CPU kernel unavailable ({exc!r}); using the torch path")
+                    _kernel = None
+                _kernel_tried = True
+    return _kernel
+
+
+def kernel_available() -> bool:
+    """Whether the compiled CPU kernel is in use (builds it on first call)."""
+    return _get_kernel() is not None
+
+
+def _kernel_ok(kernel, p: Tensor, g: Tensor, c: Tensor | None, m: Tensor, U: Tensor) -> bool:
+    return (
+        kernel is not None
+        and p.device.type == "cpu"
+        and m.dtype in _KERNEL_DTYPES
+        and U.dtype == m.dtype
+        and p.dtype in _KERNEL_DTYPES
+        and g.dtype == p.dtype
+        and (c is None or c.dtype == p.dtype)
+        and p.is_contiguous()
+        and U.is_contiguous()
+        and m.is_contiguous()
+        and bool(kernel.ginger_supported_rank(U.shape[0]))
+    )
+
+
+# -- the two passes ---------------------------------------------------------------------
+
+
+def _stride(n: int) -> int:
+    return n * n + 2 * n + 2
+
+
+def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, out: Tensor) -> None:
+    """``m <- lerp(m, g, w1)``; ``out = [G (n*n), U c, U m, c.c, c.m]`` (float64 sums), chunk by chunk."""
+    n, d = U.shape
+    m.lerp_(g.to(m.dtype), w1)
+    chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
+    S = torch.zeros(n + 2, n + 2, dtype=torch.float64, device=U.device)
+    for s in range(0, d, chunk):
+        e = min(d, s + chunk)
+        rows = [U[:, s:e], (c[s:e] if c is not None else m[s:e]).to(U.dtype)[None], m[s:e][None]]
+        Y = torch.cat(rows).double()
+        S.addmm_(Y, Y.T)
+    out[: n * n] = S[:n, :n].reshape(-1)
+    out[n * n : n * n + n] = S[:n, n]
+    out[n * n + n : n * n + 2 * n] = S[:n, n + 1]
+    out[n * n + 2 * n] = S[n, n]
+    out[n * n + 2 * n + 1] = S[n, n + 1]
+
+
+def _pass2_torch(U: Tensor, m: Tensor, p: Tensor, c: Tensor | None, coef: list[float], M: Tensor | None, b: Tensor | None,
+                 a: Tensor) -> None:
+    """``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``, chunk by chunk."""
+    scale, beta, lr, decay, rho = coef
+    n, d = U.shape
+    flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
+    a = a.to(U.dtype)
+    if M is not None:
+        M, b = M.to(U.dtype), b.to(U.dtype)
+    chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
+    for s in range(0, d, chunk):
+        e = min(d, s + chunk)
+        Uc = U[:, s:e]
+        u = torch.addmv(m[s:e], Uc.T, a, alpha=-1)
+        if c is not None:
+            cc = c[s:e].to(U.dtype)
+            u.add_(cc, alpha=-beta)
+        u.mul_(scale)
+        if math.isfinite(rho):
+            u.clamp_(-rho, rho)
+        pc = flat[s:e]
+        if decay != 1.0:
+            pc.mul_(decay)
+        pc.add_(u.to(p.dtype), alpha=-lr)
+        if M is not None:
+            Uc.copy_(torch.addr(M @ Uc, b, cc))
+    if flat.data_ptr() != p.data_ptr():
+        p.copy_(flat.view_as(p))
+
+
+# -- the small problems -------------------------------------------------------------------
+
+
+def _solve_refresh(stats: Tensor, n: int, s: Tensor, beta2: float, damping: float):
+    """Batched float64 solve for refresh blocks of rank ``n``.
+
+    ``stats`` (B, stride) as pass 1 writes them, ``s`` (B, n). Returns
+    ``fast`` (B,) bool, ``M`` (B, n, n), ``b`` (B, n), ``a`` (B, n), ``beta`` (B,), ``s_new`` (B, n).
+    """
+    Bn = stats.shape[0]
+    G = stats[:, : n * n].reshape(Bn, n, n)
+    upper = torch.arange(n)[:, None] <= torch.arange(n)[None, :]
+    G = torch.where(upper, G, G.mT)  # the kernel fills the upper triangle only
+    kc = stats[:, n * n : n * n + n]
+    wm = stats[:, n * n + n : n * n + 2 * n]
+    cc = stats[:, n * n + 2 * n]
+    cm = stats[:, n * n + 2 * n + 1]
+    # W = G^{-1/2}: W U is orthonormal even where U has drifted by rounding.
+    e, Q = torch.linalg.eigh(G)
+    W = (Q * e.clamp_min(1e-30).rsqrt()[:, None, :]) @ Q.mT
+    k = (W @ kc[..., None])[..., 0]
+    r = (cc - (k * k).sum(-1)).clamp_min(0).sqrt()
+    fast = r > _FAST_RESIDUAL * cc.sqrt()
+    r_safe = torch.where(fast, r, torch.ones_like(r))
+    z = torch.cat([k, torch.where(fast, r, torch.zeros_like(r))[:, None]], 1)
+    K = (1 - beta2) * z[:, :, None] * z[:, None, :]
+    K[:, :n, :n] += torch.diag_embed(beta2 * s)
+    lam, V = torch.linalg.eigh(K)
+    A = V[:, :n, 1:]  # ascending: drop column 0, the smallest eigenpair
+    b = V[:, n, 1:] / r_safe[:, None]
+    Wk = (W @ k[..., None])[..., 0]
+    M = A.mT @ W - b[:, :, None] * Wk[:, None, :]
+    s_new = lam[:, 1:].clamp_min(0)
+    w_new = (M @ wm[..., None])[..., 0] + b * cm[:, None]
+    q = s_new / (damping + s_new) * w_new
+    a = (M.mT @ q[..., None])[..., 0]
+    beta = (b * q).sum(-1)
+    return fast, M, b, a, beta, s_new
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """0-d bool tensor: no NaN/inf in ``t``. One read-only pass (``isfinite(t).all()`` writes a d-sized mask)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+# -- the step --------------------------------------------------------------------------------
+
+
+def ginger(
+    params: list[Tensor],
+    grads: list[Tensor],
+    curvatures: list[Tensor | None],
+    ms: list[Tensor],
+    Us: list[Tensor],
+    ss: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    damping: float,
+    rho: float | None,
+    weight_decay: float,
+    backend: str | None = None,
+) -> None:
+    """One Ginger step for a list of blocks sharing hyper-parameters (see ``functional.ginger``).
+
+    ``backend``: ``None`` picks the C++ kernel where it applies, else torch; ``"torch"``
+    forces the pure-torch passes (tests use it to cover that path on CPU).
+    """
+    if backend not in (None, "torch"):
+        raise ValueError(f"ginger: backend must be None or 'torch', got {backend!r}")
+    nb = len(params)
+    if nb == 0:
+        return
+    kernel = None if backend == "torch" else _get_kernel()
+    flat_g = [g.reshape(-1) for g in grads]
+    flat_c = [None if c is None else c.reshape(-1) for c in curvatures]
+    flat_g = [g if g.is_contiguous() else g.contiguous() for g in flat_g]
+    flat_c = [c if c is None or c.is_contiguous() else c.contiguous() for c in flat_c]
+    refresh = [c is not None for c in flat_c]
+    use_kernel = [_kernel_ok(kernel, params[i], flat_g[i], flat_c[i], ms[i], Us[i]) for i in range(nb)]
+    ns = [U.shape[0] for U in Us]
+    stride = _stride(max(ns))
+    w1 = 1 - beta1
+
+    # Pass 1: momentum and the sums.
+    stats = torch.zeros(nb, stride, dtype=torch.float64)
+    kernel_groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    torch_rows: dict[torch.device, tuple[list[int], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for i in range(nb):
+        if use_kernel[i]:
+            kernel_groups[(_KERNEL_DTYPES[ms[i].dtype], _KERNEL_DTYPES[params[i].dtype])].append(i)
+        else:
+            row = torch.zeros(stride, dtype=torch.float64, device=Us[i].device)
+            _pass1_torch(Us[i], ms[i], flat_g[i], flat_c[i], w1, row)
+            torch_rows[row.device][0].append(i)
+            torch_rows[row.device][1].append(row)
+    for idx, rows in torch_rows.values():  # one device-to-host copy per device (the solve needs the sums)
+        stats[idx] = torch.stack(rows).cpu()
+    for (sdt, pdt), idx in kernel_groups.items():
+        meta = torch.tensor([[ns[i], Us[i].shape[1], int(refresh[i])] for i in idx], dtype=torch.int64)
+        ptrs = torch.tensor(
+            [[Us[i].data_ptr(), ms[i].data_ptr(), flat_g[i].data_ptr(), flat_c[i].data_ptr() if refresh[i] else 0] for i in idx],
+            dtype=torch.int64,
+        )
+        work = sum(Us[i].shape[1] for i in idx)
+        nt = 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+        out = torch.zeros(nt, len(idx), stride, dtype=torch.float64)
+        rc = kernel.ginger_pass1(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), w1, out.data_ptr(), stride, nt)
+        if rc != 0:
+            raise RuntimeError(f"ginger_hf CPU kernel pass 1 failed ({rc})")
+        stats[idx] = out.sum(0)
+
+    # The small problems, batched by rank.
+    cstride = 5 + 2 * max(ns) + max(ns) ** 2
+    coefs = torch.zeros(nb, cstride, dtype=torch.float64)
+    rotate = [False] * nb
+    slow = []
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for i in range(nb):
+        if refresh[i]:
+            by_rank[ns[i]].append(i)
+    for n, idx in by_rank.items():
+        s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
+        fast, M, b, a, beta, s_new = _solve_refresh(stats[idx], n, s, beta2, damping)
+        fast_rows = [row for row, ok in enumerate(fast.tolist()) if ok]
+        fast_set = set(fast_rows)
+        slow += [idx[row] for row in range(len(idx)) if row not in fast_set]
+        if not fast_rows:
+            continue
+        ids = [idx[row] for row in fast_rows]
+        rows = torch.tensor(fast_rows)
+        targets = [ss[i] for i in ids]
+        torch._foreach_copy_(targets, [v.to(targets[0].device) for v in s_new[rows].unbind(0)])
+        at = torch.tensor(ids)
+        coefs[at, 1] = beta[rows]
+        coefs[at, 5 : 5 + n] = a[rows]
+        coefs[at, 5 + n : 5 + 2 * n] = b[rows]
+        coefs[at, 5 + 2 * n : 5 + 2 * n + n * n] = M[rows].reshape(len(ids), n * n)
+        for i in ids:
+            rotate[i] = True
+    if slow:
+        # c (almost) in the span of U: the reference update (two Gram-Schmidt passes), then U m afresh.
+        F.update_curvature([Us[i] for i in slow], [ss[i] for i in slow], [flat_c[i] for i in slow], [beta2] * len(slow))
+        for i in slow:
+            n = ns[i]
+            stats[i, n * n + n : n * n + 2 * n] = (Us[i] @ ms[i]).to(torch.float64).cpu()
+    # Blocks that keep their basis: a = diag(s / (gamma + s)) U m, beta = 0.
+    keep: dict[int, list[int]] = defaultdict(list)
+    for i in range(nb):
+        if not rotate[i]:
+            keep[ns[i]].append(i)
+    for n, idx in keep.items():
+        s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
+        at = torch.tensor(idx)
+        coefs[at, 5 : 5 + n] = s / (damping + s) * stats[at, n * n + n : n * n + 2 * n]
+    coefs[:, 0] = 1.0 / (damping * (1 - beta1 ** torch.tensor(steps, dtype=torch.float64)))
+    coefs[:, 2] = lr
+    coefs[:, 3] = 1 - lr * weight_decay
+    coefs[:, 4] = math.inf if rho is None else rho
+
+    # Pass 2: the parameter and (on refresh) the rotated basis.
+    coefs32 = coefs.to(torch.float32)
+    scalars = coefs[:, :5].tolist()  # host numbers already: one conversion for all blocks
+    coefs_on: dict[torch.device, Tensor] = {}
+    kernel_groups = defaultdict(list)
+    for i in range(nb):
+        if use_kernel[i]:
+            kernel_groups[(_KERNEL_DTYPES[ms[i].dtype], _KERNEL_DTYPES[params[i].dtype])].append(i)
+            continue
+        n = ns[i]
+        dev = Us[i].device
+        if dev not in coefs_on:
+            coefs_on[dev] = coefs.to(dev)
+        row = coefs_on[dev][i]
+        M = row[5 + 2 * n : 5 + 2 * n + n * n].reshape(n, n) if rotate[i] else None
+        b = row[5 + n : 5 + 2 * n] if rotate[i] else None
+        _pass2_torch(Us[i], ms[i], params[i], flat_c[i] if rotate[i] else None, scalars[i], M, b, row[5 : 5 + n])
+    for (sdt, pdt), idx in kernel_groups.items():
+        meta = torch.tensor([[ns[i], Us[i].shape[1], int(rotate[i])] for i in idx], dtype=torch.int64)
+        ptrs = torch.tensor(
+            [[Us[i].data_ptr(), ms[i].data_ptr(), params[i].data_ptr(), flat_c[i].data_ptr() if rotate[i] else 0] for i in idx],
+            dtype=torch.int64,
+        )
+        work = sum(Us[i].shape[1] for i in idx)
+        nt = 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+        block_coefs = coefs32[idx].contiguous()
+        rc = kernel.ginger_pass2(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), block_coefs.data_ptr(), cstride, nt)
+        if rc != 0:
+            raise RuntimeError(f"ginger_hf CPU kernel pass 2 failed ({rc})")

@@ -1,0 +1,120 @@
+"""Seconds per Trainer step on the main job's model: AdamW vs Ginger (empirical, mc interval 1 and 10).
+
+Uses the proxy task of scripts/compare.py (``ginger_hf.proxy``: the from-scratch T5 on the
+bundled debsum sample, stock ``Seq2SeqTrainer``, ``--optim ginger``). Configurations run in
+alternating rounds in one process (the machine is shared: alternation spreads load evenly),
+each round a fresh Trainer for ``--steps`` optimizer steps; a step is timed from
+``on_step_begin`` to ``on_step_end`` (forward, curvature pass, backward, clipping, optimizer
+step), the first ``--warmup`` steps of each round are dropped, and the median over all rounds
+is reported with its ratio to AdamW.
+
+    python scripts/bench_train.py                      # defaults: 3 rounds x 12 steps
+    python scripts/bench_train.py --rounds 5 --steps 20 --json outputs/bench_train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+import ginger_hf  # noqa: F401  (registers --optim ginger)
+from ginger_hf import proxy
+
+GINGER_ARGS = "tau=4,damping=1e-5,rho=1"
+CONFIGS = {
+    "adamw (fused)": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99),
+    "ginger empirical": dict(optim="ginger", optim_args=GINGER_ARGS + ",curvature=empirical", adam_beta1=0.9,
+                             adam_beta2=0.99),
+    "ginger mc, interval 1": dict(optim="ginger", optim_args=GINGER_ARGS + ",curvature=mc,curvature_interval=1",
+                                  adam_beta1=0.9, adam_beta2=0.99),
+    "ginger mc, interval 10": dict(optim="ginger", optim_args=GINGER_ARGS + ",curvature=mc,curvature_interval=10",
+                                   adam_beta1=0.9, adam_beta2=0.99),
+}
+LIMITS = {"ginger empirical": 1.1, "ginger mc, interval 1": 1.8, "ginger mc, interval 10": 1.2}
+
+
+class StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step (forward + backward(s) + clip + step)."""
+
+    def __init__(self):
+        self.times, self._t = [], None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._t)
+
+
+def one_round(name: str, data, tokenizer, steps: int, batch_size: int, out_dir: Path) -> list[float]:
+    model = proxy.build_model(tokenizer, seed=0)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-3,
+        lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, data_seed=0, train_sampling_strategy="group_by_length",
+        eval_strategy="no", save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True, logging_strategy="no", **CONFIGS[name],
+    )
+    clock = StepClock()
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"],
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
+                             callbacks=[clock])
+    trainer.train()
+    return clock.times
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per round (>= warmup + 10 recommended)")
+    p.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of each round")
+    p.add_argument("--batch-size", type=int, default=proxy.DEFAULT_BATCH_SIZE)
+    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/bench_train"))
+    a = p.parse_args(argv)
+    if a.steps <= a.warmup:
+        raise ValueError(f"--steps must exceed --warmup, got steps={a.steps}, warmup={a.warmup}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tokenizer = proxy.load_tokenizer()
+    data = proxy.tokenize_splits(proxy.load_debsum(("train",)), tokenizer, {"train": a.train_rows})
+    n_params = sum(p.numel() for p in proxy.build_model(tokenizer).parameters())
+    print(f"model: ginger_hf.proxy T5 ({n_params / 1e6:.2f}M parameters), batch {a.batch_size}, "
+          f"threads {torch.get_num_threads()}, load at start {os.getloadavg()}")
+    times = {name: [] for name in CONFIGS}
+    loads = []
+    for r in range(a.rounds):
+        order = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))  # alternate the order too
+        for name in order:
+            t = one_round(name, data, tokenizer, a.steps, a.batch_size, a.output_dir)
+            times[name] += t[a.warmup:]
+            loads.append(os.getloadavg()[0])
+            print(f"  round {r + 1} {name:24s} median {statistics.median(t[a.warmup:]):.3f} s/step  "
+                  f"(load {loads[-1]:.2f})", flush=True)
+    base = statistics.median(times["adamw (fused)"])
+    rows = []
+    print(f"\n{'optimizer':24s} {'s/step':>8s} {'ratio':>6s} {'limit':>6s}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        limit = LIMITS.get(name)
+        rows.append(dict(optimizer=name, sec_per_step=med, ratio_to_adamw=med / base, limit=limit, samples=len(ts)))
+        print(f"{name:24s} {med:8.3f} {med / base:6.2f} {limit if limit else '':>6}")
+    print(f"load average during the runs: min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
+          f"max {max(loads):.2f}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(dict(rows=rows, loads=loads, n_params=n_params, args=vars(a) | {
+            "json": str(a.json), "output_dir": str(a.output_dir)}), indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

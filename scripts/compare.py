@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""The main job: Ginger against first-order optimizers on the offline proxy task.
+
+    python scripts/compare.py                       # offline default (ginger, adamw)
+    python scripts/compare.py --optimizers ginger,adamw,adafactor --output-dir outputs/compare3
+
+Each optimizer trains a fresh small T5 (same seed, init, data order, steps and lr
+schedule) on the bundled debsum sample at its default learning rate for this task
+(``ginger_hf.proxy.DEFAULT_LR``, picked by scripts/sweep_lr.py) with the stock
+Seq2SeqTrainer, then is evaluated: eval loss on the validation sample, and ROUGE of
+greedy generations on its first ``--rouge-size`` rows. Writes ``report.json`` (one
+object per optimizer), ``report.md`` (the table, also printed) and ``curves.png``
+(eval loss against step and against training wall time) to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One thread unless the caller says otherwise: this model's ops are small, and on a shared
+# 2-core machine two threads per process were ~5x slower (threads wait on each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from ginger_hf import proxy  # noqa: E402
+
+TINY_MODEL = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
+COLUMNS = [("optimizer", "optimizer", "{}"), ("lr", "lr", "{:g}"), ("eval loss", "eval_loss", "{:.3f}"),
+           ("ROUGE-1", "rouge1", "{:.2f}"), ("ROUGE-2", "rouge2", "{:.2f}"), ("ROUGE-L", "rougeL", "{:.2f}"),
+           ("s/step", "sec_per_step", "{:.3f}"), ("optimizer state (MB)", "optimizer_state_mb", "{:.1f}")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for row in rows:
+        curve = row["eval_curve"]
+        label = f"{row['optimizer']} (lr {row['lr']:g})"
+        by_step.plot([p["step"] for p in curve], [p["eval_loss"] for p in curve], marker="o", label=label)
+        by_time.plot([p["train_seconds"] for p in curve], [p["eval_loss"] for p in curve], marker="o", label=label)
+    by_step.set(xlabel="optimizer step", ylabel="eval loss (cross-entropy)", title="eval loss vs step")
+    by_time.set(xlabel="training wall time (s, evaluation excluded)", title="eval loss vs wall time")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_lrs(items: list[str]) -> dict[str, float]:
+    lrs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in proxy.OPTIMIZERS:
+            raise ValueError(f"--lr takes NAME=VALUE with NAME in {sorted(proxy.OPTIMIZERS)}, got {item!r}")
+        lrs[name] = float(value)
+    return lrs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--optimizers", default="ginger,adamw",
+                   help=f"comma-separated, from {sorted(proxy.OPTIMIZERS)} (default: ginger,adamw)")
+    p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs/compare"))
+    p.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
+                   help="override an optimizer's default learning rate (repeatable)")
+    p.add_argument("--batch-size", type=int, default=proxy.DEFAULT_BATCH_SIZE)
+    p.add_argument("--eval-size", type=int, default=proxy.DEFAULT_EVAL_SIZE, help="validation rows for eval loss")
+    p.add_argument("--rouge-size", type=int, default=proxy.DEFAULT_ROUGE_SIZE, help="validation rows generated for ROUGE")
+    p.add_argument("--eval-steps", type=int, default=None, help="default: max-steps / 5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a 1+1-layer d_model 64 T5 (for tests and smoke runs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    bad = [n for n in names if n not in proxy.OPTIMIZERS]
+    if not names or bad:
+        raise ValueError(f"--optimizers: unknown {bad or names}; choose from {sorted(proxy.OPTIMIZERS)}")
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    lrs = {**proxy.DEFAULT_LR, **parse_lrs(args.lr)}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = proxy.load_tokenizer()
+    raw = proxy.load_debsum()
+    train_rows = min(len(raw["train"]), args.max_steps * args.batch_size)
+    data = proxy.tokenize_splits(raw, tokenizer, {"train": train_rows, "validation": args.eval_size})
+
+    rows, start = [], time.perf_counter()
+    for name in names:
+        print(f"\n=== {name} (lr {lrs[name]:g}, {args.max_steps} steps) ===", flush=True)
+        rows.append(proxy.run(name, lrs[name], max_steps=args.max_steps, output_dir=args.output_dir / name,
+                              data=data, tokenizer=tokenizer, batch_size=args.batch_size, eval_steps=args.eval_steps,
+                              rouge_size=args.rouge_size, seed=args.seed,
+                              model_overrides=TINY_MODEL if args.tiny else None))
+    total = time.perf_counter() - start
+
+    (args.output_dir / "report.json").write_text(json.dumps(rows, indent=2))
+    table = markdown_table(rows)
+    (args.output_dir / "report.md").write_text(
+        f"{table}\n\n{args.max_steps} steps, batch {args.batch_size}, {rows[0]['num_parameters'] / 1e6:.1f}M-parameter T5, "
+        f"eval loss on {args.eval_size} validation rows, ROUGE on {args.rouge_size}; total {total:.0f} s.\n")
+    plot_curves(rows, args.output_dir / "curves.png")
+    print("\n" + table)
+    print(f"\nwrote {args.output_dir}/report.json, report.md, curves.png ({total:.0f} s in all)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

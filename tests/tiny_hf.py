@@ -1,0 +1,91 @@
+"""Tiny transformers models and learnable toy data for the Trainer / LoRA / launcher tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+VOCAB = 100
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def _gpt2_config(**kw) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw,
+    )
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(_gpt2_config())
+
+
+def tiny_gpt2_classifier(num_labels: int, seed: int = 0) -> GPT2ForSequenceClassification:
+    torch.manual_seed(seed)
+    return GPT2ForSequenceClassification(_gpt2_config(num_labels=num_labels, pad_token_id=0))
+
+
+def seq2seq_data(n: int = 64, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Target = the first 6 source tokens reversed; the last 2 label positions of odd rows are padding (-100)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        x = torch.randint(2, VOCAB, (12,), generator=g)
+        labels = x[:6].flip(0).clone()
+        if i % 2:
+            labels[-2:] = -100
+        rows.append({"input_ids": x, "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels})
+    return rows
+
+
+def causal_data(n: int = 64, seed: int = 0, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Counting sequences (next = previous + step mod VOCAB); the first 3 labels of odd rows are -100."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        start = torch.randint(0, VOCAB, (1,), generator=g)
+        step = torch.randint(1, 4, (1,), generator=g)
+        x = (start + step * torch.arange(length)) % VOCAB
+        labels = x.clone()
+        if i % 2:
+            labels[:3] = -100
+        rows.append({"input_ids": x, "attention_mask": torch.ones(length, dtype=torch.long), "labels": labels})
+    return rows
+
+
+def classification_data(n: int = 32, seed: int = 0, num_labels: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        x = torch.randint(1, VOCAB, (8,), generator=g)
+        label = int(x[0]) % num_labels
+        rows.append({"input_ids": x, "attention_mask": torch.ones(8, dtype=torch.long),
+                     "labels": torch.tensor(label if num_labels > 1 else float(label))})
+    return rows
+
+
+COMMON_ARGS = [
+    "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true",
+    "--dataloader_num_workers", "0", "--seed", "0",
+]
+
+
+def tiny_llama(seed: int = 0):
+    """Decoder-only causal LM whose loss type the Trainer recognises (it counts ``labels[..., 1:]``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
