@@ -25,4 +25,9 @@ fi
 extras="recipes"
 [ "${1:-}" = "--test" ] && extras="recipes,test"
 "${PIP[@]}" install -e ".[${extras}]"
-.venv/bin/python -c "import torch, ginger_hf; print('ginger-hf', ginger_hf.__version__, '| torch', torch.__version__)"
+.venv/bin/python - <<'PY'
+import torch, ginger_hf
+from ginger_hf import fused
+kernel = "compiled CPU kernel" if fused.kernel_available() else "torch step (no compiler found)"  # builds it once
+print("ginger-hf", ginger_hf.__version__, "| torch", torch.__version__, "|", kernel)
+PY

@@ -4,7 +4,7 @@
     python scripts/sweep_lr.py                      # ginger, adamw, adafactor: 3 lrs each
     python scripts/sweep_lr.py --grid ginger=1e-4,3e-4 --max-steps 300
 
-Same proxy task, model, data, schedule and seed as scripts/compare.py, but half the
+Same proxy task, model, data, schedule and seed as scripts/compare.py, but a third of the
 steps (100) and no generation, to keep the sweep short; ranks each learning rate by
 its final eval loss. Writes
 ``sweep.json`` and ``sweep.md`` to ``--output-dir`` and prints the table with the best
