@@ -1,8 +1,20 @@
 import os
 import sys
 
+import pytest
+import torch
+
 # Tests import the dense reference and helper scripts that live beside them.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a 2-core machine: one intra-op thread is faster and keeps timings steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,7 +13,6 @@ from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArgume
 from ginger_hf import Ginger, set_curvature, unwrap_ginger
 from ginger_hf.lora import param_roles
 
-torch.set_num_threads(1)
 
 
 def lora_t5(modules_to_save=None):

@@ -7,22 +7,12 @@ import io
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import tiny  # noqa: E402
 
 import ginger_hf  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bf16_params_get_float32_state_by_default_and_keep_it_through_a_checkpoint():

@@ -30,7 +30,6 @@ ACCUM, BATCH = 2, 4
 def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    torch.set_num_threads(1)
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -9,22 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-import torch
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 import tiny  # noqa: E402
 
 import ginger_hf  # noqa: E402,F401  (registers --optim ginger)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_trainer(out: Path, model_seed: int) -> Seq2SeqTrainer:

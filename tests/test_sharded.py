@@ -5,7 +5,6 @@ FSDP1 / FSDP2 wrap real modules here on a one-process gloo group (CPU).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ import ginger_hf.curvature
 from ginger_hf import get_curvature, unwrap_ginger
 from ginger_hf.trainer import OPTIM_ARGS, TrainerGinger, parse_optim_args
 
-torch.set_num_threads(1)
 
 
 def parse(tmp_path, *argv, cls=TrainingArguments):
