@@ -28,6 +28,19 @@ def main(argv: list[str] | None = None) -> None:
     import ginger_hf
 
     ginger_hf.register()
+    _run(argv)
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Scripts rarely destroy the process group the Trainer made; gloo then aborts at exit (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(argv: list[str]) -> None:
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]  # runpy puts the module's file path in argv[0]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
