@@ -23,7 +23,9 @@ SCRIPT = textwrap.dedent(
         data = [{"input_ids": (torch.arange(16) + i) % 50, "labels": (torch.arange(16) + i) % 50} for i in range(32)]
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
-        print("RESULT", args.optim.value, type(trainer.optimizer.optimizer).__name__, trainer.state.global_step)
+        # one write per line: under torchrun both ranks share this stdout
+        line = f"RESULT {args.optim.value} {type(trainer.optimizer.optimizer).__name__} {trainer.state.global_step}"
+        print(line, flush=True)
 
     if __name__ == "__main__":
         main()
