@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .optimizer import Ginger, add_curvature
+from .optimizer import Ginger, add_curvature, get_curvature, set_curvature
 
 __all__ = ["sample_labels", "sampled_label_loss", "add_sampled_label_curvature", "unwrap_ginger"]
 
@@ -114,5 +114,9 @@ def add_sampled_label_curvature(
         scale /= grad_scaler.get_scale()  # a power of two: unscaling is exact, as for .grad
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     for p, g in zip(params, grads):
-        add_curvature(p, g.mul(scale) if g is not None else torch.zeros_like(p))
+        contribution = g.mul_(scale) if g is not None else torch.zeros_like(p)  # autograd.grad's own buffer
+        if get_curvature(p) is None:
+            set_curvature(p, contribution)
+        else:
+            add_curvature(p, contribution)
     return True

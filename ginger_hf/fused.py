@@ -255,6 +255,17 @@ def all_finite(t: Tensor) -> Tensor:
 # -- the step --------------------------------------------------------------------------------
 
 
+def _kernel_args(idx: list[int], Us, ms, third, cs, use_c: list[bool]) -> tuple[Tensor, Tensor, int]:
+    """Per-block ``(rank, d, use_c)`` rows, ``(U, m, third, c)`` pointers and a thread count for one kernel call."""
+    meta = torch.tensor([[Us[i].shape[0], Us[i].shape[1], int(use_c[i])] for i in idx], dtype=torch.int64)
+    ptrs = torch.tensor(
+        [[Us[i].data_ptr(), ms[i].data_ptr(), third[i].data_ptr(), cs[i].data_ptr() if use_c[i] else 0] for i in idx],
+        dtype=torch.int64,
+    )
+    work = sum(Us[i].shape[1] for i in idx)
+    return meta, ptrs, 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+
+
 def ginger(
     params: list[Tensor],
     grads: list[Tensor],
@@ -308,13 +319,7 @@ def ginger(
     for idx, rows in torch_rows.values():  # one device-to-host copy per device (the solve needs the sums)
         stats[idx] = torch.stack(rows).cpu()
     for (sdt, pdt), idx in kernel_groups.items():
-        meta = torch.tensor([[ns[i], Us[i].shape[1], int(refresh[i])] for i in idx], dtype=torch.int64)
-        ptrs = torch.tensor(
-            [[Us[i].data_ptr(), ms[i].data_ptr(), flat_g[i].data_ptr(), flat_c[i].data_ptr() if refresh[i] else 0] for i in idx],
-            dtype=torch.int64,
-        )
-        work = sum(Us[i].shape[1] for i in idx)
-        nt = 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+        meta, ptrs, nt = _kernel_args(idx, Us, ms, flat_g, flat_c, refresh)
         out = torch.zeros(nt, len(idx), stride, dtype=torch.float64)
         rc = kernel.ginger_pass1(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), w1, out.data_ptr(), stride, nt)
         if rc != 0:
@@ -387,13 +392,7 @@ def ginger(
         b = row[5 + n : 5 + 2 * n] if rotate[i] else None
         _pass2_torch(Us[i], ms[i], params[i], flat_c[i] if rotate[i] else None, scalars[i], M, b, row[5 : 5 + n])
     for (sdt, pdt), idx in kernel_groups.items():
-        meta = torch.tensor([[ns[i], Us[i].shape[1], int(rotate[i])] for i in idx], dtype=torch.int64)
-        ptrs = torch.tensor(
-            [[Us[i].data_ptr(), ms[i].data_ptr(), params[i].data_ptr(), flat_c[i].data_ptr() if rotate[i] else 0] for i in idx],
-            dtype=torch.int64,
-        )
-        work = sum(Us[i].shape[1] for i in idx)
-        nt = 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+        meta, ptrs, nt = _kernel_args(idx, Us, ms, params, flat_c, rotate)
         block_coefs = coefs32[idx].contiguous()
         rc = kernel.ginger_pass2(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), block_coefs.data_ptr(), cstride, nt)
         if rc != 0:
