@@ -109,7 +109,7 @@ def _build_kernel() -> ctypes.CDLL | None:
     dll = ctypes.CDLL(str(lib))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.ginger_pass1.argtypes = [i, i, i, p, p, f, p, i, i]
-    dll.ginger_pass2.argtypes = [i, i, i, p, p, p, i, i]
+    dll.ginger_pass2.argtypes = [i, i, i, p, p, f, p, i, i]
     dll.ginger_supported_rank.argtypes = [i]
     return dll
 
@@ -153,18 +153,21 @@ def _kernel_ok(kernel, p: Tensor, g: Tensor, c: Tensor | None, m: Tensor, U: Ten
 
 
 def _stride(n: int) -> int:
-    return n * n + 2 * n + 2
+    return n * n + 2 * n + 3
 
 
 def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, out: Tensor) -> None:
-    """``m <- lerp(m, g, w1)``; ``out = [G (n*n), U c, U m, c.c, c.m]`` (float64 sums), chunk by chunk."""
+    """``out = [G (n*n), U c, U m, c.c, c.m, chk]`` with ``m`` read as ``lerp(m, g, w1)``; writes no state.
+
+    Float64 sums, chunk by chunk; ``chk`` is ``c.c + m.m``, finite iff both vectors are.
+    """
     n, d = U.shape
-    m.lerp_(g.to(m.dtype), w1)
     chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
     S = torch.zeros(n + 2, n + 2, dtype=torch.float64, device=U.device)
     for s in range(0, d, chunk):
         e = min(d, s + chunk)
-        rows = [U[:, s:e], (c[s:e] if c is not None else m[s:e]).to(U.dtype)[None], m[s:e][None]]
+        mv = torch.lerp(m[s:e], g[s:e].to(m.dtype), w1)
+        rows = [U[:, s:e], (c[s:e] if c is not None else mv).to(U.dtype)[None], mv[None]]
         Y = torch.cat(rows).double()
         S.addmm_(Y, Y.T)
     out[: n * n] = S[:n, :n].reshape(-1)
@@ -172,11 +175,12 @@ def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, o
     out[n * n + n : n * n + 2 * n] = S[:n, n + 1]
     out[n * n + 2 * n] = S[n, n]
     out[n * n + 2 * n + 1] = S[n, n + 1]
+    out[n * n + 2 * n + 2] = S[n, n] + S[n + 1, n + 1]
 
 
-def _pass2_torch(U: Tensor, m: Tensor, p: Tensor, c: Tensor | None, coef: list[float], M: Tensor | None, b: Tensor | None,
-                 a: Tensor) -> None:
-    """``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``, chunk by chunk."""
+def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, coef: list[float],
+                 M: Tensor | None, b: Tensor | None, a: Tensor) -> None:
+    """``m <- lerp(m, g, w1)``; ``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``."""
     scale, beta, lr, decay, rho = coef
     n, d = U.shape
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
@@ -187,7 +191,9 @@ def _pass2_torch(U: Tensor, m: Tensor, p: Tensor, c: Tensor | None, coef: list[f
     for s in range(0, d, chunk):
         e = min(d, s + chunk)
         Uc = U[:, s:e]
-        u = torch.addmv(m[s:e], Uc.T, a, alpha=-1)
+        mc = m[s:e]
+        mc.lerp_(g[s:e].to(m.dtype), w1)
+        u = torch.addmv(mc, Uc.T, a, alpha=-1)
         if c is not None:
             cc = c[s:e].to(U.dtype)
             u.add_(cc, alpha=-beta)
@@ -255,13 +261,10 @@ def all_finite(t: Tensor) -> Tensor:
 # -- the step --------------------------------------------------------------------------------
 
 
-def _kernel_args(idx: list[int], Us, ms, third, cs, use_c: list[bool]) -> tuple[Tensor, Tensor, int]:
-    """Per-block ``(rank, d, use_c)`` rows, ``(U, m, third, c)`` pointers and a thread count for one kernel call."""
+def _kernel_args(idx: list[int], Us, use_c: list[bool], *columns) -> tuple[Tensor, Tensor, int]:
+    """Per-block ``(rank, d, use_c)`` rows, data pointers (one per column, 0 for ``None``) and a thread count."""
     meta = torch.tensor([[Us[i].shape[0], Us[i].shape[1], int(use_c[i])] for i in idx], dtype=torch.int64)
-    ptrs = torch.tensor(
-        [[Us[i].data_ptr(), ms[i].data_ptr(), third[i].data_ptr(), cs[i].data_ptr() if use_c[i] else 0] for i in idx],
-        dtype=torch.int64,
-    )
+    ptrs = torch.tensor([[0 if col[i] is None else col[i].data_ptr() for col in columns] for i in idx], dtype=torch.int64)
     work = sum(Us[i].shape[1] for i in idx)
     return meta, ptrs, 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
 
@@ -282,9 +285,11 @@ def ginger(
     rho: float | None,
     weight_decay: float,
     backend: str | None = None,
-) -> None:
+) -> list[bool]:
     """One Ginger step for a list of blocks sharing hyper-parameters (see ``functional.ginger``).
 
+    Returns, per block, whether it was applied: a block whose gradient or curvature vector
+    is not finite is left bit-identical (pass 1 writes nothing, so nothing needs undoing).
     ``backend``: ``None`` picks the C++ kernel where it applies, else torch; ``"torch"``
     forces the pure-torch passes (tests use it to cover that path on CPU).
     """
@@ -292,19 +297,18 @@ def ginger(
         raise ValueError(f"ginger: backend must be None or 'torch', got {backend!r}")
     nb = len(params)
     if nb == 0:
-        return
+        return []
     kernel = None if backend == "torch" else _get_kernel()
     flat_g = [g.reshape(-1) for g in grads]
     flat_c = [None if c is None else c.reshape(-1) for c in curvatures]
     flat_g = [g if g.is_contiguous() else g.contiguous() for g in flat_g]
     flat_c = [c if c is None or c.is_contiguous() else c.contiguous() for c in flat_c]
-    refresh = [c is not None for c in flat_c]
     use_kernel = [_kernel_ok(kernel, params[i], flat_g[i], flat_c[i], ms[i], Us[i]) for i in range(nb)]
     ns = [U.shape[0] for U in Us]
     stride = _stride(max(ns))
     w1 = 1 - beta1
 
-    # Pass 1: momentum and the sums.
+    # Pass 1 (reads only): the sums, and whether the inputs are finite.
     stats = torch.zeros(nb, stride, dtype=torch.float64)
     kernel_groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     torch_rows: dict[torch.device, tuple[list[int], list[Tensor]]] = defaultdict(lambda: ([], []))
@@ -319,12 +323,14 @@ def ginger(
     for idx, rows in torch_rows.values():  # one device-to-host copy per device (the solve needs the sums)
         stats[idx] = torch.stack(rows).cpu()
     for (sdt, pdt), idx in kernel_groups.items():
-        meta, ptrs, nt = _kernel_args(idx, Us, ms, flat_g, flat_c, refresh)
+        meta, ptrs, nt = _kernel_args(idx, Us, [c is not None for c in flat_c], Us, ms, flat_g, flat_c)
         out = torch.zeros(nt, len(idx), stride, dtype=torch.float64)
         rc = kernel.ginger_pass1(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), w1, out.data_ptr(), stride, nt)
         if rc != 0:
             raise RuntimeError(f"ginger_hf CPU kernel pass 1 failed ({rc})")
         stats[idx] = out.sum(0)
+    applied = torch.isfinite(stats).all(1).tolist()
+    refresh = [applied[i] and flat_c[i] is not None for i in range(nb)]
 
     # The small problems, batched by rank.
     cstride = 5 + 2 * max(ns) + max(ns) ** 2
@@ -359,11 +365,12 @@ def ginger(
         F.update_curvature([Us[i] for i in slow], [ss[i] for i in slow], [flat_c[i] for i in slow], [beta2] * len(slow))
         for i in slow:
             n = ns[i]
-            stats[i, n * n + n : n * n + 2 * n] = (Us[i] @ ms[i]).to(torch.float64).cpu()
+            m_new = torch.lerp(ms[i], flat_g[i].to(ms[i].dtype), w1)
+            stats[i, n * n + n : n * n + 2 * n] = (Us[i] @ m_new).to(torch.float64).cpu()
     # Blocks that keep their basis: a = diag(s / (gamma + s)) U m, beta = 0.
     keep: dict[int, list[int]] = defaultdict(list)
     for i in range(nb):
-        if not rotate[i]:
+        if applied[i] and not rotate[i]:
             keep[ns[i]].append(i)
     for n, idx in keep.items():
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
@@ -374,12 +381,14 @@ def ginger(
     coefs[:, 3] = 1 - lr * weight_decay
     coefs[:, 4] = math.inf if rho is None else rho
 
-    # Pass 2: the parameter and (on refresh) the rotated basis.
+    # Pass 2: the momentum, the parameter and (on refresh) the rotated basis.
     coefs32 = coefs.to(torch.float32)
     scalars = coefs[:, :5].tolist()  # host numbers already: one conversion for all blocks
     coefs_on: dict[torch.device, Tensor] = {}
     kernel_groups = defaultdict(list)
     for i in range(nb):
+        if not applied[i]:
+            continue
         if use_kernel[i]:
             kernel_groups[(_KERNEL_DTYPES[ms[i].dtype], _KERNEL_DTYPES[params[i].dtype])].append(i)
             continue
@@ -390,10 +399,13 @@ def ginger(
         row = coefs_on[dev][i]
         M = row[5 + 2 * n : 5 + 2 * n + n * n].reshape(n, n) if rotate[i] else None
         b = row[5 + n : 5 + 2 * n] if rotate[i] else None
-        _pass2_torch(Us[i], ms[i], params[i], flat_c[i] if rotate[i] else None, scalars[i], M, b, row[5 : 5 + n])
+        _pass2_torch(Us[i], ms[i], flat_g[i], params[i], flat_c[i] if rotate[i] else None, w1, scalars[i], M, b,
+                     row[5 : 5 + n])
     for (sdt, pdt), idx in kernel_groups.items():
-        meta, ptrs, nt = _kernel_args(idx, Us, ms, params, flat_c, rotate)
+        meta, ptrs, nt = _kernel_args(idx, Us, rotate, Us, ms, flat_g, params, [c if r else None for c, r in zip(flat_c, rotate)])
         block_coefs = coefs32[idx].contiguous()
-        rc = kernel.ginger_pass2(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), block_coefs.data_ptr(), cstride, nt)
+        rc = kernel.ginger_pass2(sdt, pdt, len(idx), meta.data_ptr(), ptrs.data_ptr(), w1, block_coefs.data_ptr(),
+                                 cstride, nt)
         if rc != 0:
             raise RuntimeError(f"ginger_hf CPU kernel pass 2 failed ({rc})")
+    return applied

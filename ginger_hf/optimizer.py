@@ -1,8 +1,9 @@
 """The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.functional``.
 
-The shell validates hyper-parameters, creates state lazily, decides which blocks
-refresh their curvature model this step, and skips blocks whose inputs are not
-finite. The math lives in ``functional.py``.
+The shell validates hyper-parameters, creates state lazily and decides which blocks
+refresh their curvature model this step. The math lives in ``fused.py`` (the fast
+two-pass step, which also skips blocks whose inputs are not finite), checked against
+the reference ``functional.py``.
 
 Curvature vectors are handed over on the parameter itself, like ``.grad``: before
 ``step()``, ``param.curvature`` holds the block's curvature vector (same shape as the
@@ -332,19 +333,15 @@ class Ginger(Optimizer):
         plan = self._collect()
         self._sync_curvature(plan)
 
-        # One host synchronisation for the whole step: which blocks have finite inputs.
-        checks = [
-            fused.all_finite(g) & (fused.all_finite(c) if c is not None and c is not g else True)
-            for _, blocks in plan
-            for _, _, g, c in blocks
-        ]
-        finite = torch.stack(checks).tolist() if checks else []
+        # AdamW groups check their gradients here (one host synchronisation for all of them);
+        # Ginger blocks are checked inside the fused step's first pass, which writes nothing.
+        checks = [fused.all_finite(g) for group, blocks in plan if group["algorithm"] == "adamw" for _, _, g, _ in blocks]
+        adamw_finite = iter(torch.stack(checks).tolist() if checks else [])
 
-        flags = iter(finite)
         for group, blocks in plan:
             beta1, beta2 = group["betas"]
             adamw = group["algorithm"] == "adamw"
-            targets, grads, curvs, ms, Us, ss, steps, joints = [], [], [], [], [], [], [], []
+            states, targets, grads, curvs, joints = [], [], [], [], []
             for key, params, g, c in blocks:
                 state = self.state[key]
                 if not state:
@@ -355,38 +352,36 @@ class Ginger(Optimizer):
                         state.update(F.init_block_state(g, group["tau"], dtype))
                     state["step"] = 0
                     state["skipped"] = 0
-                if not next(flags):
+                if adamw and not next(adamw_finite):
                     state["skipped"] += 1
                     continue
-                state["step"] += 1
-                if group["joint"]:
-                    target = torch.cat([p.reshape(-1) for p in params])
-                    joints.append((target, params))
-                else:
-                    target = key
+                target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
+                states.append(state)
                 targets.append(target)
                 grads.append(g)
                 curvs.append(c)
-                ms.append(state["exp_avg"] if adamw else state["m"])
-                Us.append(state["exp_avg_sq"] if adamw else state["U"])
-                ss.append(None if adamw else state["s"])
-                steps.append(state["step"])
+                joints.append(params if group["joint"] else None)
             if not targets:
                 continue
+            steps = [st["step"] + 1 for st in states]
             if adamw:
                 F.adamw(
-                    targets, grads, ms, Us, steps,
+                    targets, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], steps,
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 )
-                continue
-            fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
-                targets, grads, curvs, ms, Us, ss, steps,
-                lr=group["lr"], beta1=beta1, beta2=beta2, damping=group["damping"], rho=group["rho"],
-                weight_decay=group["weight_decay"],
-            )
-            for flat, params in joints:
-                for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                    p.copy_(piece.view_as(p))
+                applied = [True] * len(targets)
+            else:
+                applied = fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
+                    targets, grads, curvs, [st["m"] for st in states], [st["U"] for st in states],
+                    [st["s"] for st in states], steps,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, damping=group["damping"], rho=group["rho"],
+                    weight_decay=group["weight_decay"],
+                )
+            for state, ok, flat, params in zip(states, applied, targets, joints):
+                state["step" if ok else "skipped"] += 1
+                if ok and params is not None:
+                    for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                        p.copy_(piece.view_as(p))
         self.zero_curvature()
         return loss
 
