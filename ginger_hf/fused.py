@@ -3,23 +3,27 @@
 Same signature and result (to rounding) as ``functional.ginger``, which stays the
 reference. GINGER.md section 4: per block, with ``U`` (n, d) rows, on a refresh step
 
-* pass 1 reads ``U, c, g, m``, writes ``m <- lerp(m, g, 1 - beta1)`` and forms the
-  sums ``G = U U^T``, ``U c``, ``U m``, ``c.c``, ``c.m`` (float32 products, float64 sums);
+* pass 1 reads ``U, c, g, m`` and writes nothing: with ``m' = lerp(m, g, 1 - beta1)`` it
+  forms the sums ``G = U U^T``, ``U c``, ``U m'``, ``c.c``, ``c.m'`` (float32 products,
+  float64 sums) and finds non-finite inputs, whose blocks are then skipped untouched;
 * the small problems of all blocks of equal rank are solved together in float64:
   ``W = G^{-1/2}`` makes ``W U`` exactly orthonormal (so rounding never accumulates in
   ``U``), then the rank-one EMA update gives the new basis as ``U_new = M U + b c^T``
   and the direction as ``u = scale * (m - U^T a - beta c)``, all from those sums;
-* pass 2 reads ``U, c, m`` and the parameter, writes the parameter and ``U_new`` in place.
+* pass 2 reads ``U, c, g, m`` and the parameter, writes ``m'``, the parameter and
+  ``U_new`` in place. (Recomputing ``m'`` costs one read of ``g``; storing it in pass 1
+  would cost a write, a read, and a separate finiteness pass before it.)
 
 Between refreshes pass 1 forms only ``U m`` and pass 2 does not write ``U``. Nothing of
 size ``d * tau`` is allocated. Where ``c`` lies almost in the span of ``U`` (residual
 below ``_FAST_RESIDUAL * ||c||``) the implicit residual ``c - U^T k`` would lose
 digits, so that block's curvature update runs the reference code instead (rare).
 
-Two backends run the passes: a small C++ kernel (``_cpu_kernel.cpp``, float32/bfloat16
-on CPU, built once with the system compiler and loaded with ctypes) and pure torch
-(any device and dtype, in cache-sized column chunks), used when the kernel is
-unavailable or does not cover the case.
+Three backends run the passes: a small C++ kernel (``_cpu_kernel.cpp``, float32/bfloat16
+on CPU, built once with the system compiler and loaded with ctypes); ``torch.compile`` of
+whole-block expressions (the default on CUDA: each pass becomes fused kernels, no
+``n * d`` temporaries); and eager torch in cache-sized column chunks (any device and
+dtype), used when neither applies.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["ginger", "all_finite", "kernel_available"]
+__all__ = ["ginger", "all_finite", "kernel_available", "BACKENDS"]
+
+BACKENDS = (None, "torch", "compile")
 
 # Below this residual fraction ||c - U^T U c|| / ||c|| the block falls back to the reference
 # curvature update: the implicit basis rotation would cost ~eps / fraction of orthonormality.
@@ -156,20 +162,22 @@ def _stride(n: int) -> int:
     return n * n + 2 * n + 3
 
 
-def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, out: Tensor) -> None:
+def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, out: Tensor, compiled: bool) -> None:
     """``out = [G (n*n), U c, U m, c.c, c.m, chk]`` with ``m`` read as ``lerp(m, g, w1)``; writes no state.
 
-    Float64 sums, chunk by chunk; ``chk`` is ``c.c + m.m``, finite iff both vectors are.
+    Float64 sums, chunk by chunk (or compiled whole); ``chk`` is ``c.c + m.m``, finite iff both vectors are.
     """
     n, d = U.shape
-    chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
-    S = torch.zeros(n + 2, n + 2, dtype=torch.float64, device=U.device)
-    for s in range(0, d, chunk):
-        e = min(d, s + chunk)
-        mv = torch.lerp(m[s:e], g[s:e].to(m.dtype), w1)
-        rows = [U[:, s:e], (c[s:e] if c is not None else mv).to(U.dtype)[None], mv[None]]
-        Y = torch.cat(rows).double()
-        S.addmm_(Y, Y.T)
+    S = _run_compiled(_pass1_whole, U, m, g, c, w1) if compiled else NotImplemented
+    if S is NotImplemented:
+        chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
+        S = torch.zeros(n + 2, n + 2, dtype=torch.float64, device=U.device)
+        for s in range(0, d, chunk):
+            e = min(d, s + chunk)
+            mv = torch.lerp(m[s:e], g[s:e].to(m.dtype), w1)
+            rows = [U[:, s:e], (c[s:e] if c is not None else mv).to(U.dtype)[None], mv[None]]
+            Y = torch.cat(rows).double()
+            S.addmm_(Y, Y.T)
     out[: n * n] = S[:n, :n].reshape(-1)
     out[n * n : n * n + n] = S[:n, n]
     out[n * n + n : n * n + 2 * n] = S[:n, n + 1]
@@ -178,11 +186,21 @@ def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, o
     out[n * n + 2 * n + 2] = S[n, n] + S[n + 1, n + 1]
 
 
-def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, coef: list[float],
-                 M: Tensor | None, b: Tensor | None, a: Tensor) -> None:
-    """``m <- lerp(m, g, w1)``; ``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``."""
-    scale, beta, lr, decay, rho = coef
+def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, row: Tensor,
+                 coef: list[float], rotate: bool, compiled: bool) -> None:
+    """``m <- lerp(m, g, w1)``; ``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``.
+
+    ``row`` is the block's coefficient row on the device, ``coef`` its first five entries on the host.
+    """
     n, d = U.shape
+    a = row[5 : 5 + n]
+    M = row[5 + 2 * n : 5 + 2 * n + n * n].reshape(n, n) if rotate else None
+    b = row[5 + n : 5 + 2 * n] if rotate else None
+    c = c if rotate else None
+    if compiled and p.is_contiguous():
+        if _run_compiled(_pass2_whole, U, m, g, p.view(-1), c, w1, row[:5], M, b, a) is not NotImplemented:
+            return
+    scale, beta, lr, decay, rho = coef
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
     a = a.to(U.dtype)
     if M is not None:
@@ -208,6 +226,51 @@ def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w
             Uc.copy_(torch.addr(M @ Uc, b, cc))
     if flat.data_ptr() != p.data_ptr():
         p.copy_(flat.view_as(p))
+
+
+# -- whole-block passes for torch.compile (the GPU path) -------------------------------------
+
+
+def _pass1_whole(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -> Tensor:
+    """Pass 1's ``(n+2) x (n+2)`` float64 sums as one expression; compiled, a single fused reduction."""
+    mv = torch.lerp(m, g.to(m.dtype), w1)
+    Y = torch.cat([U, (mv if c is None else c.to(U.dtype))[None], mv[None]]).to(torch.float64)
+    return (Y[:, None, :] * Y[None, :, :]).sum(-1)
+
+
+def _pass2_whole(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, coef: Tensor,
+                 M: Tensor | None, b: Tensor | None, a: Tensor) -> None:
+    """Pass 2 of one block (flat ``p``) with in-place writes; ``coef = [scale, beta, lr, decay, rho]`` on device."""
+    dt = U.dtype
+    mv = torch.lerp(m, g.to(m.dtype), w1)
+    u = mv - (a.to(dt)[:, None] * U).sum(0)
+    if c is not None:
+        u = u - coef[1].to(dt) * c.to(dt)
+    u = (u * coef[0].to(dt)).clamp(-coef[4], coef[4])
+    p.copy_(p * coef[3].to(p.dtype) - coef[2].to(p.dtype) * u.to(p.dtype))
+    m.copy_(mv)
+    if M is not None:
+        U.copy_((M.to(dt)[:, :, None] * U[None, :, :]).sum(1) + b.to(dt)[:, None] * c.to(dt)[None, :])
+
+
+_compiled: dict[str, object] = {}
+_compile_failed = False
+
+
+def _run_compiled(fn, *args):
+    """``torch.compile(fn)(*args)``; ``NotImplemented`` (once warned) where compiling fails, e.g. no Triton."""
+    global _compile_failed
+    if _compile_failed:
+        return NotImplemented
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[fn.__name__](*args)
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as exc:  # before any write
+        _compile_failed = True
+        warnings.warn(f"ginger_hf: torch.compile of the Ginger passes failed ({type(exc).__name__}); "
+                      "using eager torch passes")
+        return NotImplemented
 
 
 # -- the small problems -------------------------------------------------------------------
@@ -290,15 +353,17 @@ def ginger(
 
     Returns, per block, whether it was applied: a block whose gradient or curvature vector
     is not finite is left bit-identical (pass 1 writes nothing, so nothing needs undoing).
-    ``backend``: ``None`` picks the C++ kernel where it applies, else torch; ``"torch"``
-    forces the pure-torch passes (tests use it to cover that path on CPU).
+    ``backend``: ``None`` picks the C++ kernel where it applies, ``torch.compile`` on CUDA,
+    else eager torch; ``"torch"`` and ``"compile"`` force those passes on any device (tests
+    use them to cover both paths on CPU).
     """
-    if backend not in (None, "torch"):
-        raise ValueError(f"ginger: backend must be None or 'torch', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"ginger: backend must be one of {BACKENDS}, got {backend!r}")
     nb = len(params)
     if nb == 0:
         return []
-    kernel = None if backend == "torch" else _get_kernel()
+    kernel = None if backend in ("torch", "compile") else _get_kernel()
+    compiled = [backend == "compile" or (backend is None and U.device.type == "cuda") for U in Us]
     flat_g = [g.reshape(-1) for g in grads]
     flat_c = [None if c is None else c.reshape(-1) for c in curvatures]
     flat_g = [g if g.is_contiguous() else g.contiguous() for g in flat_g]
@@ -317,7 +382,7 @@ def ginger(
             kernel_groups[(_KERNEL_DTYPES[ms[i].dtype], _KERNEL_DTYPES[params[i].dtype])].append(i)
         else:
             row = torch.zeros(stride, dtype=torch.float64, device=Us[i].device)
-            _pass1_torch(Us[i], ms[i], flat_g[i], flat_c[i], w1, row)
+            _pass1_torch(Us[i], ms[i], flat_g[i], flat_c[i], w1, row, compiled[i])
             torch_rows[row.device][0].append(i)
             torch_rows[row.device][1].append(row)
     for idx, rows in torch_rows.values():  # one device-to-host copy per device (the solve needs the sums)
@@ -392,15 +457,11 @@ def ginger(
         if use_kernel[i]:
             kernel_groups[(_KERNEL_DTYPES[ms[i].dtype], _KERNEL_DTYPES[params[i].dtype])].append(i)
             continue
-        n = ns[i]
         dev = Us[i].device
         if dev not in coefs_on:
             coefs_on[dev] = coefs.to(dev)
-        row = coefs_on[dev][i]
-        M = row[5 + 2 * n : 5 + 2 * n + n * n].reshape(n, n) if rotate[i] else None
-        b = row[5 + n : 5 + 2 * n] if rotate[i] else None
-        _pass2_torch(Us[i], ms[i], flat_g[i], params[i], flat_c[i] if rotate[i] else None, w1, scalars[i], M, b,
-                     row[5 : 5 + n])
+        _pass2_torch(Us[i], ms[i], flat_g[i], params[i], flat_c[i], w1, coefs_on[dev][i], scalars[i], rotate[i],
+                     compiled[i])
     for (sdt, pdt), idx in kernel_groups.items():
         meta, ptrs, nt = _kernel_args(idx, Us, rotate, Us, ms, flat_g, params, [c if r else None for c, r in zip(flat_c, rotate)])
         block_coefs = coefs32[idx].contiguous()

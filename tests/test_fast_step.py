@@ -80,6 +80,17 @@ def test_matches_reference(backend, dtype, tol, tau, interval):
     assert_close(fast, ref, tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_compiled_passes_match_reference(dtype, tol):
+    """The torch.compile path (the default on CUDA), compiled here by inductor for CPU; refresh and non-refresh steps."""
+    ref = make_blocks(SHAPES, 4, dtype, dtype)
+    fast = copy.deepcopy(ref)
+    run(F.ginger, *ref, 16, interval=3)
+    run(fused.ginger, *fast, 16, interval=3, backend="compile")
+    assert_close(fast, ref, tol)
+    assert not fused._compile_failed
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("residual", [1e-7, 1e-3, 3e-2])
@@ -108,7 +119,7 @@ def test_curvature_near_the_span(backend, dtype, tol, residual):
         assert_close(fast, ref, tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "compile"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["grad", "curvature", "none"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
