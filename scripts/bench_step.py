@@ -8,14 +8,15 @@
 
 Every configuration is timed in alternation with the others, one step at a time, and the
 median is reported (the machine may be shared). Each row prints time, ratio to fused AdamW,
-effective GB/s (bytes that must move, see ``traffic_bytes``), and the ratio to the traffic
+the ratio of bytes read to fused AdamW's (where reads are the bottleneck, the
+ratio to expect), effective GB/s (bytes that must move, see ``traffic``), and the ratio to the traffic
 floor (those bytes at the measured ``copy_`` bandwidth). Peak extra memory of a step is the
 rise of the process's peak RSS over its RSS before the step (CPU; /proc/self/clear_refs) or
 ``torch.cuda.max_memory_allocated`` (CUDA).
 
-    python scripts/bench_step.py                 # everything (about 5 minutes on 2 cores)
+    python scripts/bench_step.py                 # everything (under a minute on 2 cores)
     python scripts/bench_step.py --skip-single   # T5-small shapes only
-    python scripts/bench_step.py --device cuda   # on a GPU (torch backend of ginger_hf.fused)
+    python scripts/bench_step.py --device cuda   # on a GPU (torch.compile passes of ginger_hf.fused)
 """
 
 from __future__ import annotations
@@ -70,20 +71,20 @@ def peak_extra_bytes(fn, device) -> int | None:
 # -- traffic model ---------------------------------------------------------------------------
 
 
-def traffic_bytes(kind: str, d: int, n: int = 0, sb: int = 4, pb: int = 4) -> int:
-    """Bytes that a step must read + write per the two-pass scheme (GINGER.md section 4).
+def traffic(kind: str, d: int, n: int = 0, sb: int = 4, pb: int = 4) -> tuple[int, int]:
+    """Bytes that a step must (read, write) per the two-pass scheme (GINGER.md section 4, ginger_hf/fused.py).
 
-    Ginger refresh (mc): pass 1 U, c, g, m + write m; pass 2 U, c, m, p + write U, p; the
-    finiteness check reads g and c once more. Between refreshes: pass 1 U, g, m + m; pass 2
-    U, m, p + p; check g. Fused AdamW: p, g, m, v + write p, m, v.
+    Ginger refresh (mc): pass 1 reads U, c, g, m (and checks finiteness on the way); pass 2
+    reads U, c, g, m, p and writes U, m, p. Between refreshes: pass 1 U, g, m; pass 2 reads
+    U, g, m, p, writes m, p. Fused AdamW: reads p, g, m, v, writes p, m, v. Where a core's
+    read bandwidth is the limit (as on the 2-core VM), time follows the reads.
     """
-    if kind == "adamw":
-        return 7 * pb * d
-    if kind == "refresh":
-        return (3 * n * sb + 3 * sb + 7 * pb) * d
-    if kind == "nonrefresh":
-        return (2 * n * sb + 3 * sb + 4 * pb) * d
-    raise ValueError(kind)
+    words = {  # (state words read, parameter-dtype words read, state words written, parameter words written)
+        "adamw": (0, 4, 0, 3),
+        "refresh": (2 * n + 2, 5, n + 1, 1),
+        "nonrefresh": (2 * n + 2, 3, 1, 1),
+    }[kind]
+    return (words[0] * sb + words[1] * pb) * d, (words[2] * sb + words[3] * pb) * d
 
 
 def copy_bandwidth(device, numel=1 << 26, reps=7) -> float:
@@ -200,18 +201,22 @@ def bench_t5(args, device, bw):
     rows = []
     print(f"\n(a) T5-small shapes: {len(shapes)} tensors, {d / 1e6:.1f}M parameters, tau={tau}, float32 parameters; "
           f"{args.reps} alternating steps each, median; load {load0:.2f} -> {load1:.2f}")
-    print(f"{'optimizer':28s} {'ms':>8s} {'/fused':>7s} {'GB/s':>6s} {'/floor':>7s} {'peak extra MB':>14s} {'/(2*d_max*4B)':>14s}")
+    print(f"{'optimizer':28s} {'ms':>8s} {'/fused':>7s} {'reads/fused':>12s} {'GB/s':>6s} {'/floor':>7s} {'peak extra MB':>14s} "
+          f"{'/(2*d_max*4B)':>14s}")
     for (name, _, _, (kind, n, sb)), s in zip(configs, steppers):
         t = med[name]
-        nbytes = traffic_bytes(kind, d, n, sb)
+        nbytes = sum(traffic(kind, d, n, sb))
         pk = mem[name]
-        row = dict(name=name, ms=t * 1e3, ratio_fused=t / base, gbs=nbytes / t / 1e9, ratio_floor=t / (nbytes / bw),
+        reads = traffic(kind, d, n, sb)[0] / traffic("adamw", d)[0]
+        row = dict(name=name, ms=t * 1e3, ratio_fused=t / base, reads_ratio=reads, gbs=nbytes / t / 1e9,
+                   ratio_floor=t / (nbytes / bw),
                    peak_extra_mb=None if pk is None else pk / 1e6,
                    peak_ratio=None if pk is None else pk / (2 * largest * 4))
         rows.append(row)
         pk_s = "n/a" if pk is None else f"{pk / 1e6:.1f}"
         pr_s = "n/a" if pk is None else f"{row['peak_ratio']:.2f}"
-        print(f"{name:28s} {t * 1e3:8.1f} {t / base:7.2f} {row['gbs']:6.1f} {row['ratio_floor']:7.2f} {pk_s:>14s} {pr_s:>14s}")
+        print(f"{name:28s} {t * 1e3:8.1f} {t / base:7.2f} {reads:12.2f} {row['gbs']:6.1f} {row['ratio_floor']:7.2f} "
+              f"{pk_s:>14s} {pr_s:>14s}")
     return dict(shapes="t5-small", d=d, tau=tau, rows=rows, load=[load0, load1], largest=largest)
 
 
@@ -230,7 +235,8 @@ def fit_line(x, y):
 def bench_single(args, device, bw):
     ds = [int(float(v)) for v in args.sizes.split(",")]
     taus = [int(v) for v in args.taus.split(",")]
-    print(f"\n(b) single tensors, Ginger refresh step (mc) vs fused AdamW, float32, {args.single_reps} alternating steps, median")
+    print(f"\n(b) single tensors, Ginger refresh step (mc) vs fused AdamW, float32, median of alternating steps "
+          f"({args.single_reps} at d=1e7, sqrt(1e7/d) times as many below: small steps are noisier)")
     print(f"{'d':>10s} {'tau':>4s} {'ginger ms':>10s} {'adamw ms':>9s} {'/fused':>7s} {'GB/s':>6s} {'/floor':>7s} {'peak/(2*d*4B)':>14s}")
     results = []
     for d in ds:
@@ -240,13 +246,13 @@ def bench_single(args, device, bw):
         for tau in taus:
             steppers.append(Stepper(f"tau{tau}", [(d,)], lambda ps, tau=tau: Ginger(ps, tau=tau, curvature="mc"), grads,
                                     curvs, device))
-        med = run_alternating(steppers, device, args.single_reps)
+        med = run_alternating(steppers, device, max(args.single_reps, round(args.single_reps * (1e7 / d) ** 0.5)))
         for s in steppers[1:]:
             s.prepare()
             pk = peak_extra_bytes(s.step, device)
             tau = int(s.name[3:])
             t = med[s.name]
-            nbytes = traffic_bytes("refresh", d, tau)
+            nbytes = sum(traffic("refresh", d, tau))
             row = dict(d=d, tau=tau, ms=t * 1e3, adamw_ms=med["adamw"] * 1e3, ratio_fused=t / med["adamw"],
                        gbs=nbytes / t / 1e9, ratio_floor=t / (nbytes / bw),
                        peak_ratio=None if pk is None else pk / (2 * d * 4))
