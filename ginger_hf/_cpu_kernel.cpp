@@ -165,16 +165,18 @@ void pass1(int64_t d, const S* U, const S* m, const P* g, const P* c, float w1, 
   out[N * N + 2 * N] += cc; out[N * N + 2 * N + 1] += cm; out[N * N + 2 * N + 2] += chk;
 }
 
-// Pass 2 on [x0, x1): m <- lerp(m, g, w1); u = scale * (m - a.U - beta c), clipped to [-rho, rho];
-// p <- p * decay - lr * u; on refresh U <- M U + b c^T in place.
-// coef = [scale, beta, lr, decay, rho, a (N), b (N), M (N*N, row-major)].
+// Pass 2 on [x0, x1): m <- lerp(m, g, w1); on refresh v = nu.U + nu_c c;
+// u = scale * (m - a.U + ab v), clipped to [-rho, rho]; p <- p * decay - lr * u;
+// on refresh U <- U - bt v^T in place (a rank-one reflection: O(N) per element).
+// coef = [scale, ab, lr, decay, rho, nu_c, a (N), bt (N), nu (N)].
 template <int N, bool R, class S, class P>
 void pass2(int64_t d, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef, int64_t x0,
            int64_t x1, Scratch& sc) {
-  const vf scale = splat(coef[0]), beta = splat(coef[1]), nlr = splat(-coef[2]), decay = splat(coef[3]);
-  const vf rho = splat(coef[4]), nrho = splat(-coef[4]);
+  const vf scale = splat(coef[0]), ab = splat(coef[1]), nlr = splat(-coef[2]), decay = splat(coef[3]);
+  const vf rho = splat(coef[4]), nrho = splat(-coef[4]), nu_c = splat(coef[5]);
   const bool do_decay = coef[3] != 1.f;
-  const float *a = coef + 5, *b = coef + 5 + N, *M = coef + 5 + 2 * N;
+  vf a[N], bt[N], nu[N];
+  for (int j = 0; j < N; ++j) { a[j] = splat(coef[6 + j]); bt[j] = splat(coef[6 + N + j]); nu[j] = splat(coef[6 + 2 * N + j]); }
   for (int64_t xb = x0; xb < x1; xb += B) {
     const int64_t L = xb + B < x1 ? B : x1 - xb, Lp = (L + W - 1) / W * W;
     const float* u[N];
@@ -194,9 +196,13 @@ void pass2(int64_t d, S* U, S* m, const P* g, P* p, const P* c, float w1, const 
       for (int j = 0; j < N; ++j) uj[j] = ld(u[j] + x);
       vf mx = lerp<S>(ld(mi + x), ld(gi + x), w1);
       st(mo + x, mx);
-      vf dir = mx, cv = vf{};
-      for (int j = 0; j < N; ++j) dir -= splat(a[j]) * uj[j];
-      if (R) { cv = ld(ci + x); dir -= beta * cv; }
+      vf dir = mx, v = vf{};
+      for (int j = 0; j < N; ++j) dir -= a[j] * uj[j];
+      if (R) {
+        v = nu_c * ld(ci + x);
+        for (int j = 0; j < N; ++j) v += nu[j] * uj[j];
+        dir += ab * v;
+      }
       dir *= scale;
       dir = dir > rho ? rho : dir;
       dir = dir < nrho ? nrho : dir;
@@ -204,13 +210,7 @@ void pass2(int64_t d, S* U, S* m, const P* g, P* p, const P* c, float w1, const 
       if (is_bf16<P>()) dir = round_bf16(dir);
       if (do_decay) { pv *= decay; if (is_bf16<P>()) pv = round_bf16(pv); }
       st(po + x, pv + nlr * dir);
-      if (R) {
-        for (int i = 0; i < N; ++i) {
-          vf acc = splat(b[i]) * cv;
-          for (int j = 0; j < N; ++j) acc += splat(M[i * N + j]) * uj[j];
-          st(uo[i] + x, acc);
-        }
-      }
+      if (R) for (int i = 0; i < N; ++i) st(uo[i] + x, uj[i] - bt[i] * v);
     }
     flush(m + xb, mo, L);
     flush(p + xb, po, L);

@@ -5,8 +5,12 @@ A block is one flattened parameter tensor of length ``d``. Its state is
 * ``m``  (d,)          first moment, in the state dtype;
 * ``U``  (tau_e, d)    orthonormal basis, stored as *rows* so each vector is contiguous;
 * ``s``  (tau_e,)      eigenvalues of the low-rank curvature part, float64;
+* ``R``  (tau_e, tau_e) float64: the eigenbasis is ``R U``. This reference keeps ``U``
+  itself the eigenbasis and ``R = I`` (and expects that); the fast path
+  (``ginger_hf.fused``) moves ``U`` by cheap rank-one reflections and keeps the rest of
+  the rotation in ``R``;
 
-with ``tau_e = min(tau, d)``. The curvature model is ``gamma*I + U^T diag(s) U``
+with ``tau_e = min(tau, d)``. The curvature model is ``gamma*I + U^T R^T diag(s) R U``
 (``U`` holds the basis as rows). See GINGER.md sections 1-2 for the method.
 
 The optimizer shell (``ginger_hf.optimizer``) owns validation, state creation and
@@ -27,13 +31,14 @@ _RESIDUAL_NOISE = 64.0
 
 
 def init_block_state(param: Tensor, tau: int, state_dtype: torch.dtype) -> dict[str, Tensor]:
-    """Fresh state: ``m = 0``, ``s = 0`` and ``U`` = the first ``tau_e`` unit vectors."""
+    """Fresh state: ``m = 0``, ``s = 0``, ``U`` = the first ``tau_e`` unit vectors, ``R = I``."""
     d = param.numel()
     tau_e = min(tau, d)
     return {
         "m": torch.zeros(d, dtype=state_dtype, device=param.device),
         "U": torch.eye(tau_e, d, dtype=state_dtype, device=param.device),
         "s": torch.zeros(tau_e, dtype=torch.float64, device=param.device),
+        "R": torch.eye(tau_e, dtype=torch.float64, device=param.device),
     }
 
 
@@ -120,6 +125,7 @@ def ginger(
     ms: list[Tensor],
     Us: list[Tensor],
     ss: list[Tensor],
+    Rs: list[Tensor],
     steps: list[int],
     *,
     lr: float,
@@ -133,8 +139,14 @@ def ginger(
 
     ``curvatures[i]`` is the block's curvature vector on a refresh step and ``None``
     otherwise; ``steps[i]`` is the block's step count *after* this step (for bias
-    correction). Parameters and state are updated in place.
+    correction). Parameters and state are updated in place. A block whose ``R`` is not the
+    identity (state the fast path wrote) first gets its eigenbasis ``R U`` made explicit.
     """
+    eye = [torch.eye(R.shape[0], dtype=R.dtype, device=R.device) for R in Rs]
+    for U, R, I in zip(Us, Rs, eye):
+        if not torch.equal(R, I):
+            U.copy_(R.to(U.dtype) @ U)
+            R.copy_(I)
     refresh = [i for i, c in enumerate(curvatures) if c is not None]
     if refresh:
         update_curvature(

@@ -1,17 +1,22 @@
 """A Ginger step in two streaming passes over the state: the fast path the optimizer uses.
 
 Same signature and result (to rounding) as ``functional.ginger``, which stays the
-reference. GINGER.md section 4: per block, with ``U`` (n, d) rows, on a refresh step
+reference. The stored ``U`` (n, d rows) is an orthonormal basis of the curvature subspace
+and ``R`` (n, n) rotates it to the eigenbasis ``R U`` of ``s``: the basis moves by cheap
+rank-one reflections and the rest of each rotation lands in ``R``. GINGER.md section 4:
+per block, on a refresh step
 
 * pass 1 reads ``U, c, g, m`` and writes nothing: with ``m' = lerp(m, g, 1 - beta1)`` it
   forms the sums ``G = U U^T``, ``U c``, ``U m'``, ``c.c``, ``c.m'`` (float32 products,
   float64 sums) and finds non-finite inputs, whose blocks are then skipped untouched;
-* the small problems of all blocks of equal rank are solved together in float64:
-  ``W = G^{-1/2}`` makes ``W U`` exactly orthonormal (so rounding never accumulates in
-  ``U``), then the rank-one EMA update gives the new basis as ``U_new = M U + b c^T``
-  and the direction as ``u = scale * (m - U^T a - beta c)``, all from those sums;
+* the small problems of all blocks of equal rank are solved together in float64
+  (``_solve_refresh``): ``W = G^{-1/2}`` makes ``W U`` exactly orthonormal (rounding
+  never accumulates), the rank-one EMA update runs on the ``(n+1)``-sized problem, and a
+  Householder reflection gives the new basis as ``U_new = U - bt v^T`` with
+  ``v = U^T nu + nu_c c``; the direction is ``u = scale * (m' - U^T a + ab v)``;
 * pass 2 reads ``U, c, g, m`` and the parameter, writes ``m'``, the parameter and
-  ``U_new`` in place. (Recomputing ``m'`` costs one read of ``g``; storing it in pass 1
+  ``U_new`` in place: O(n) work per element, where rotating ``U`` into the eigenbasis
+  itself would be O(n^2) and outrun the memory traffic from n of about 8. (Recomputing ``m'`` costs one read of ``g``; storing it in pass 1
   would cost a write, a read, and a separate finiteness pass before it.)
 
 Between refreshes pass 1 forms only ``U m`` and pass 2 does not write ``U``. Nothing of
@@ -188,23 +193,24 @@ def _pass1_torch(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float, o
 
 def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, row: Tensor,
                  coef: list[float], rotate: bool, compiled: bool) -> None:
-    """``m <- lerp(m, g, w1)``; ``u = scale (m - U^T a - beta c)``, clip, update ``p``; on refresh ``U <- M U + b c^T``.
+    """``m <- lerp(m, g, w1)``; ``u = scale (m - U^T a + ab v)``, clip, update ``p``; on refresh ``U <- U - bt v^T``.
 
-    ``row`` is the block's coefficient row on the device, ``coef`` its first five entries on the host.
+    ``v = U^T nu + nu_c c`` (refresh only). ``row`` is the block's coefficient row on the
+    device, ``coef`` its first six entries on the host.
     """
     n, d = U.shape
-    a = row[5 : 5 + n]
-    M = row[5 + 2 * n : 5 + 2 * n + n * n].reshape(n, n) if rotate else None
-    b = row[5 + n : 5 + 2 * n] if rotate else None
+    a = row[6 : 6 + n]
+    bt = row[6 + n : 6 + 2 * n] if rotate else None
+    nu = row[6 + 2 * n : 6 + 3 * n] if rotate else None
     c = c if rotate else None
     if compiled and p.is_contiguous():
-        if _run_compiled(_pass2_whole, U, m, g, p.view(-1), c, w1, row[:5], M, b, a) is not NotImplemented:
+        if _run_compiled(_pass2_whole, U, m, g, p.view(-1), c, w1, row[:6], a, bt, nu) is not NotImplemented:
             return
-    scale, beta, lr, decay, rho = coef
+    scale, ab, lr, decay, rho, nu_c = coef
     flat = p.view(-1) if p.is_contiguous() else p.reshape(-1).clone()
     a = a.to(U.dtype)
-    if M is not None:
-        M, b = M.to(U.dtype), b.to(U.dtype)
+    if rotate:
+        bt, nu = bt.to(U.dtype), nu.to(U.dtype)
     chunk = _TORCH_CHUNK.get(U.device.type, _TORCH_CHUNK_DEFAULT)
     for s in range(0, d, chunk):
         e = min(d, s + chunk)
@@ -212,9 +218,9 @@ def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w
         mc = m[s:e]
         mc.lerp_(g[s:e].to(m.dtype), w1)
         u = torch.addmv(mc, Uc.T, a, alpha=-1)
-        if c is not None:
-            cc = c[s:e].to(U.dtype)
-            u.add_(cc, alpha=-beta)
+        if rotate:
+            v = torch.addmv(c[s:e].to(U.dtype), Uc.T, nu, beta=nu_c)
+            u.add_(v, alpha=ab)
         u.mul_(scale)
         if math.isfinite(rho):
             u.clamp_(-rho, rho)
@@ -222,8 +228,8 @@ def _pass2_torch(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w
         if decay != 1.0:
             pc.mul_(decay)
         pc.add_(u.to(p.dtype), alpha=-lr)
-        if M is not None:
-            Uc.copy_(torch.addr(M @ Uc, b, cc))
+        if rotate:
+            Uc.addr_(bt, v, alpha=-1)
     if flat.data_ptr() != p.data_ptr():
         p.copy_(flat.view_as(p))
 
@@ -239,18 +245,19 @@ def _pass1_whole(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -
 
 
 def _pass2_whole(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, coef: Tensor,
-                 M: Tensor | None, b: Tensor | None, a: Tensor) -> None:
-    """Pass 2 of one block (flat ``p``) with in-place writes; ``coef = [scale, beta, lr, decay, rho]`` on device."""
+                 a: Tensor, bt: Tensor | None, nu: Tensor | None) -> None:
+    """Pass 2 of one block (flat ``p``), in place; ``coef = [scale, ab, lr, decay, rho, nu_c]`` on device."""
     dt = U.dtype
     mv = torch.lerp(m, g.to(m.dtype), w1)
     u = mv - (a.to(dt)[:, None] * U).sum(0)
     if c is not None:
-        u = u - coef[1].to(dt) * c.to(dt)
+        v = (nu.to(dt)[:, None] * U).sum(0) + coef[5].to(dt) * c.to(dt)
+        u = u + coef[1].to(dt) * v
     u = (u * coef[0].to(dt)).clamp(-coef[4], coef[4])
     p.copy_(p * coef[3].to(p.dtype) - coef[2].to(p.dtype) * u.to(p.dtype))
     m.copy_(mv)
-    if M is not None:
-        U.copy_((M.to(dt)[:, :, None] * U[None, :, :]).sum(1) + b.to(dt)[:, None] * c.to(dt)[None, :])
+    if c is not None:
+        U.sub_(bt.to(dt)[:, None] * v[None, :])
 
 
 _compiled: dict[str, object] = {}
@@ -276,41 +283,69 @@ def _run_compiled(fn, *args):
 # -- the small problems -------------------------------------------------------------------
 
 
-def _solve_refresh(stats: Tensor, n: int, s: Tensor, beta2: float, damping: float):
-    """Batched float64 solve for refresh blocks of rank ``n``.
+def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G^{-1/2}, G^{1/2})`` of a batch of symmetric positive definite matrices."""
+    e, Q = torch.linalg.eigh(G)
+    root = e.clamp_min(1e-30).sqrt()[:, None, :]
+    return (Q / root) @ Q.mT, (Q * root) @ Q.mT
 
-    ``stats`` (B, stride) as pass 1 writes them, ``s`` (B, n). Returns
-    ``fast`` (B,) bool, ``M`` (B, n, n), ``b`` (B, n), ``a`` (B, n), ``beta`` (B,), ``s_new`` (B, n).
+
+def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: float, damping: float):
+    """Batched float64 solve for refresh blocks of rank ``n``: the curvature update as a reflection of ``U``.
+
+    ``stats`` (B, stride) as pass 1 writes them, ``s`` (B, n), ``R`` (B, n, n). The stored ``U``
+    is any near-orthonormal basis of the curvature subspace; the eigenbasis is ``R U``.
+    With ``W = (U U^T)^{-1/2}`` the rows of ``W U`` are exactly orthonormal (rounding never
+    accumulates), and in that basis the rank-one EMA update of GINGER.md section 2 (eigen-
+    decompose the ``(n+1)``-sized ``K``, drop the smallest eigenpair ``e``) only needs a new
+    basis of ``e``'s orthogonal complement in ``span(U, c)``. The Householder reflection that
+    maps the residual direction onto ``e`` gives one, as a rank-one update:
+    ``U <- U - bt (nu . U + nu_c c)``; the rotation to the new eigenbasis goes into ``R``.
+    Pass 2 thus costs O(n) per element instead of the O(n^2) of rotating ``U`` itself.
+
+    Returns ``fast`` (B,) bool (False: ``c`` is too close to ``span(U)`` for the implicit
+    residual), ``s_new`` (B, n), ``R_new`` (B, n, n) and pass 2's ``a``, ``bt``, ``nu`` (B, n),
+    ``nu_c``, ``ab`` (B,): ``u = scale (m - a.U + ab v)`` with ``v = nu.U + nu_c c``.
     """
     Bn = stats.shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
     G = stats[:, : n * n].reshape(Bn, n, n)
-    upper = torch.arange(n)[:, None] <= torch.arange(n)[None, :]
+    upper = eye.bool() | (torch.arange(n)[:, None] < torch.arange(n)[None, :])
     G = torch.where(upper, G, G.mT)  # the kernel fills the upper triangle only
     kc = stats[:, n * n : n * n + n]
     wm = stats[:, n * n + n : n * n + 2 * n]
     cc = stats[:, n * n + 2 * n]
     cm = stats[:, n * n + 2 * n + 1]
-    # W = G^{-1/2}: W U is orthonormal even where U has drifted by rounding.
-    e, Q = torch.linalg.eigh(G)
-    W = (Q * e.clamp_min(1e-30).rsqrt()[:, None, :]) @ Q.mT
-    k = (W @ kc[..., None])[..., 0]
+    W, Wi = _inverse_sqrt(G)
+    k = (W @ kc[..., None])[..., 0]  # c in the orthonormal basis B = W U
+    RB = R @ Wi  # the eigenbasis in B: orthogonal up to rounding, made exactly so
+    RB = RB @ _inverse_sqrt(RB.mT @ RB)[0]
     r = (cc - (k * k).sum(-1)).clamp_min(0).sqrt()
     fast = r > _FAST_RESIDUAL * cc.sqrt()
-    r_safe = torch.where(fast, r, torch.ones_like(r))
-    z = torch.cat([k, torch.where(fast, r, torch.zeros_like(r))[:, None]], 1)
+    r = torch.where(fast, r, torch.ones_like(r))
+    z = torch.cat([(RB @ k[..., None])[..., 0], r[:, None]], 1)
     K = (1 - beta2) * z[:, :, None] * z[:, None, :]
     K[:, :n, :n] += torch.diag_embed(beta2 * s)
-    lam, V = torch.linalg.eigh(K)
-    A = V[:, :n, 1:]  # ascending: drop column 0, the smallest eigenpair
-    b = V[:, n, 1:] / r_safe[:, None]
-    Wk = (W @ k[..., None])[..., 0]
-    M = A.mT @ W - b[:, :, None] * Wk[:, None, :]
+    lam, V = torch.linalg.eigh(K)  # ascending: column 0 is the eigenpair to drop
+    e = torch.cat([(RB.mT @ V[:, :n, :1])[..., 0], V[:, n:, 0]], 1)  # in coordinates (B, residual)
+    sigma = torch.where(e[:, n] >= 0, -1.0, 1.0)[:, None]  # reflect far from e: |v|^2 >= 2
+    v = -sigma * e
+    v[:, n] += 1
+    H = torch.eye(n + 1, dtype=torch.float64) - 2 * v[:, :, None] * v[:, None, :] / (v * v).sum(-1)[:, None, None]
+    Q = H[:, :n, :]  # new orthonormal basis of e's complement, in coordinates (B, residual)
+    C = V[:, :, 1:].mT.clone()  # the new eigenbasis, in coordinates (old eigenbasis, residual) ...
+    C[:, :, :n] = C[:, :, :n] @ RB  # ... and in (B, residual)
+    R_new = (C @ Q.mT) @ W
+    beta = 2 * v[:, :n] / (v * v).sum(-1)[:, None]
+    nu = v[:, :n] - v[:, n:] * k / r[:, None]
+    nu_c = v[:, n] / r
+    bt = (Wi @ beta[..., None])[..., 0]
+    nu = (W @ nu[..., None])[..., 0]
     s_new = lam[:, 1:].clamp_min(0)
-    w_new = (M @ wm[..., None])[..., 0] + b * cm[:, None]
-    q = s_new / (damping + s_new) * w_new
-    a = (M.mT @ q[..., None])[..., 0]
-    beta = (b * q).sum(-1)
-    return fast, M, b, a, beta, s_new
+    wm_new = wm - bt * ((nu * wm).sum(-1) + nu_c * cm)[:, None]
+    q = s_new / (damping + s_new) * (R_new @ wm_new[..., None])[..., 0]
+    a = (R_new.mT @ q[..., None])[..., 0]
+    return fast, s_new, R_new, a, bt, nu, nu_c, (a * bt).sum(-1)
 
 
 def all_finite(t: Tensor) -> Tensor:
@@ -339,6 +374,7 @@ def ginger(
     ms: list[Tensor],
     Us: list[Tensor],
     ss: list[Tensor],
+    Rs: list[Tensor],
     steps: list[int],
     *,
     lr: float,
@@ -397,8 +433,8 @@ def ginger(
     applied = torch.isfinite(stats).all(1).tolist()
     refresh = [applied[i] and flat_c[i] is not None for i in range(nb)]
 
-    # The small problems, batched by rank.
-    cstride = 5 + 2 * max(ns) + max(ns) ** 2
+    # The small problems, batched by rank. coefs rows: [scale, ab, lr, decay, rho, nu_c, a, bt, nu].
+    cstride = 6 + 3 * max(ns)
     coefs = torch.zeros(nb, cstride, dtype=torch.float64)
     rotate = [False] * nb
     slow = []
@@ -408,7 +444,8 @@ def ginger(
             by_rank[ns[i]].append(i)
     for n, idx in by_rank.items():
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
-        fast, M, b, a, beta, s_new = _solve_refresh(stats[idx], n, s, beta2, damping)
+        R = torch.stack([Rs[i] for i in idx]).to(torch.float64).cpu()
+        fast, s_new, R_new, a, bt, nu, nu_c, ab = _solve_refresh(stats[idx], n, s, R, beta2, damping)
         fast_rows = [row for row, ok in enumerate(fast.tolist()) if ok]
         fast_set = set(fast_rows)
         slow += [idx[row] for row in range(len(idx)) if row not in fast_set]
@@ -416,31 +453,39 @@ def ginger(
             continue
         ids = [idx[row] for row in fast_rows]
         rows = torch.tensor(fast_rows)
-        targets = [ss[i] for i in ids]
-        torch._foreach_copy_(targets, [v.to(targets[0].device) for v in s_new[rows].unbind(0)])
+        dev = ss[ids[0]].device
+        torch._foreach_copy_([ss[i] for i in ids], [x.to(dev) for x in s_new[rows].unbind(0)])
+        torch._foreach_copy_([Rs[i] for i in ids], [x.to(dev) for x in R_new[rows].unbind(0)])
         at = torch.tensor(ids)
-        coefs[at, 1] = beta[rows]
-        coefs[at, 5 : 5 + n] = a[rows]
-        coefs[at, 5 + n : 5 + 2 * n] = b[rows]
-        coefs[at, 5 + 2 * n : 5 + 2 * n + n * n] = M[rows].reshape(len(ids), n * n)
+        coefs[at, 1] = ab[rows]
+        coefs[at, 5] = nu_c[rows]
+        coefs[at, 6 : 6 + n] = a[rows]
+        coefs[at, 6 + n : 6 + 2 * n] = bt[rows]
+        coefs[at, 6 + 2 * n : 6 + 3 * n] = nu[rows]
         for i in ids:
             rotate[i] = True
     if slow:
-        # c (almost) in the span of U: the reference update (two Gram-Schmidt passes), then U m afresh.
+        # c (almost) in the span of U: the reference update (two Gram-Schmidt passes) on the
+        # eigenbasis R U, made explicit (allocates n * d; rare), then U m afresh.
+        for i in slow:
+            Us[i].copy_((Rs[i].to(Us[i]) @ Us[i]))
+            Rs[i].copy_(torch.eye(ns[i], dtype=Rs[i].dtype))
         F.update_curvature([Us[i] for i in slow], [ss[i] for i in slow], [flat_c[i] for i in slow], [beta2] * len(slow))
         for i in slow:
             n = ns[i]
             m_new = torch.lerp(ms[i], flat_g[i].to(ms[i].dtype), w1)
             stats[i, n * n + n : n * n + 2 * n] = (Us[i] @ m_new).to(torch.float64).cpu()
-    # Blocks that keep their basis: a = diag(s / (gamma + s)) U m, beta = 0.
+    # Blocks that keep their basis: a = R^T diag(s / (gamma + s)) R U m.
     keep: dict[int, list[int]] = defaultdict(list)
     for i in range(nb):
         if applied[i] and not rotate[i]:
             keep[ns[i]].append(i)
     for n, idx in keep.items():
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
-        at = torch.tensor(idx)
-        coefs[at, 5 : 5 + n] = s / (damping + s) * stats[at, n * n + n : n * n + 2 * n]
+        R = torch.stack([Rs[i] for i in idx]).to(torch.float64).cpu()
+        wm = stats[torch.tensor(idx), n * n + n : n * n + 2 * n]
+        q = s / (damping + s) * (R @ wm[..., None])[..., 0]
+        coefs[torch.tensor(idx), 6 : 6 + n] = (R.mT @ q[..., None])[..., 0]
     coefs[:, 0] = 1.0 / (damping * (1 - beta1 ** torch.tensor(steps, dtype=torch.float64)))
     coefs[:, 2] = lr
     coefs[:, 3] = 1 - lr * weight_decay
@@ -448,7 +493,7 @@ def ginger(
 
     # Pass 2: the momentum, the parameter and (on refresh) the rotated basis.
     coefs32 = coefs.to(torch.float32)
-    scalars = coefs[:, :5].tolist()  # host numbers already: one conversion for all blocks
+    scalars = coefs[:, :6].tolist()  # host numbers already: one conversion for all blocks
     coefs_on: dict[torch.device, Tensor] = {}
     kernel_groups = defaultdict(list)
     for i in range(nb):

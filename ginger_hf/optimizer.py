@@ -125,10 +125,10 @@ def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch
 
 
 def state_bytes(numel: int, tau: int, state_dtype: torch.dtype) -> int:
-    """Bytes of a block's state tensors: ``(tau_e + 1) * numel`` state-dtype numbers (m, U) + ``tau_e`` float64 (s)."""
+    """Bytes of a block's state tensors: ``(tau_e + 1) * numel`` state-dtype numbers (m, U), float64 s and R."""
     tau_e = min(tau, numel)
     itemsize = torch.empty((), dtype=state_dtype).element_size()
-    return (tau_e + 1) * numel * itemsize + tau_e * 8
+    return (tau_e + 1) * numel * itemsize + (tau_e + tau_e**2) * 8
 
 
 class Ginger(Optimizer):
@@ -352,6 +352,8 @@ class Ginger(Optimizer):
                         state.update(F.init_block_state(g, group["tau"], dtype))
                     state["step"] = 0
                     state["skipped"] = 0
+                elif not adamw and "R" not in state:  # a checkpoint from before R existed: U was the eigenbasis
+                    state["R"] = torch.eye(state["U"].shape[0], dtype=torch.float64, device=state["U"].device)
                 if adamw and not next(adamw_finite):
                     state["skipped"] += 1
                     continue
@@ -373,7 +375,7 @@ class Ginger(Optimizer):
             else:
                 applied = fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
                     targets, grads, curvs, [st["m"] for st in states], [st["U"] for st in states],
-                    [st["s"] for st in states], steps,
+                    [st["s"] for st in states], [st["R"] for st in states], steps,
                     lr=group["lr"], beta1=beta1, beta2=beta2, damping=group["damping"], rho=group["rho"],
                     weight_decay=group["weight_decay"],
                 )

@@ -37,7 +37,7 @@ def run(fn, params, states, steps, *, interval=1, seed=1, in_span_every=0, hp=HP
                 c = U.T @ (U @ torch.randn(p.numel(), generator=gen, dtype=torch.float64)) + 1e-3 * c / c.norm()
             curvs.append(c.view(p.shape).to(p.dtype))
         fn(params, grads, curvs, [s["m"] for s in states], [s["U"] for s in states], [s["s"] for s in states],
-           [t] * len(params), **hp, **kw)
+           [s["R"] for s in states], [t] * len(params), **hp, **kw)
 
 
 def rel(a, b):
@@ -45,9 +45,14 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def eigenbasis(st):
+    """The eigenbasis ``R U`` (rows) of a block's state, in float64."""
+    return st["R"] @ st["U"].double()
+
+
 def curvature_model(st):
     """``U^T diag(s) U``: independent of the eigenvector signs and of rotations within equal eigenvalues."""
-    U = st["U"].double()
+    U = eigenbasis(st)
     return U.T @ (st["s"][:, None] * U)
 
 
@@ -115,7 +120,7 @@ def test_curvature_near_the_span(backend, dtype, tol, residual):
             curvs.append(c.view(p.shape).to(dtype))
         for fn, (params, states), kw in ((F.ginger, ref, {}), (fused.ginger, fast, dict(backend=backend))):
             fn(params, grads, curvs, [s["m"] for s in states], [s["U"] for s in states], [s["s"] for s in states],
-               [t] * len(params), **hp, **kw)
+               [s["R"] for s in states], [t] * len(params), **hp, **kw)
         assert_close(fast, ref, tol)
 
 
@@ -135,7 +140,7 @@ def test_non_finite_blocks_are_reported_and_left_untouched(backend, state_dtype,
     target = grads if where in ("grad", "none") else curvs
     target[victim].view(-1)[1000] = bad
     applied = fused.ginger(params, grads, curvs, [s["m"] for s in states], [s["U"] for s in states],
-                           [s["s"] for s in states], [3] * len(params), **HP, backend=backend)
+                           [s["s"] for s in states], [s["R"] for s in states], [3] * len(params), **HP, backend=backend)
     assert applied == [i != victim for i in range(len(params))]
     for i, (p0, s0, p1, s1) in enumerate(zip(*before, params, states)):
         same = torch.equal(p0, p1) and all(torch.equal(s0[k], s1[k]) for k in ("m", "U", "s"))
@@ -179,7 +184,7 @@ def test_orthonormal_over_many_float32_steps(backend):
                 c = st["U"].T @ torch.randn(st["U"].shape[0], generator=gen) + [1e-7, 1e-3, 3e-2][(t // 3) % 3] * c
             curvs.append((c * (norm / c.norm())).view(p.shape))
         fused.ginger(params, grads, curvs, [s["m"] for s in states], [s["U"] for s in states], [s["s"] for s in states],
-                     [t] * len(params), lr=1e-4, beta1=0.9, beta2=0.99, damping=damping, rho=1.0, weight_decay=0.0,
+                     [s["R"] for s in states], [t] * len(params), lr=1e-4, beta1=0.9, beta2=0.99, damping=damping, rho=1.0, weight_decay=0.0,
                      backend=backend)
         if t % 20 == 0 or t > 790:
             for st in states:
@@ -214,4 +219,4 @@ def test_rejects_unknown_backend():
     p = torch.zeros(3)
     st = F.init_block_state(p, 2, torch.float32)
     with pytest.raises(ValueError, match="backend"):
-        fused.ginger([p], [p], [None], [st["m"]], [st["U"]], [st["s"]], [1], **HP, backend="cuda-graph")
+        fused.ginger([p], [p], [None], [st["m"]], [st["U"]], [st["s"]], [st["R"]], [1], **HP, backend="cuda-graph")

@@ -138,7 +138,8 @@ def test_state_bytes_match_the_documented_formula(state_dtype, tau):
         p.grad = torch.randn(p.shape)
     opt.step()
     itemsize = (state_dtype or torch.float32).itemsize
-    expected = sum((min(tau, p.numel()) + 1) * p.numel() * itemsize + 8 * min(tau, p.numel()) for p in params)
+    expected = sum((min(tau, p.numel()) + 1) * p.numel() * itemsize + 8 * (min(tau, p.numel()) + min(tau, p.numel()) ** 2)
+                   for p in params)
     measured = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     assert measured == expected == opt.state_bytes()
     assert expected == sum(state_bytes(p.numel(), tau, state_dtype or torch.float32) for p in params)
