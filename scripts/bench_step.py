@@ -224,11 +224,13 @@ def bench_t5(args, device, bw):
 
 
 def fit_line(x, y):
-    """Least squares y = a + b x; returns a, b and the largest |residual| / y."""
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y)) / sum((xi - mx) ** 2 for xi in x)
-    a = my - b * mx
+    """``y = a + b x`` minimising the *relative* residuals (timing noise is relative); a, b, worst |residual| / y."""
+    w = [1 / yi**2 for yi in y]
+    sw, sx, sy = sum(w), sum(wi * xi for wi, xi in zip(w, x)), sum(wi * yi for wi, yi in zip(w, y))
+    sxx = sum(wi * xi * xi for wi, xi in zip(w, x))
+    sxy = sum(wi * xi * yi for wi, xi, yi in zip(w, x, y))
+    b = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+    a = (sy - b * sx) / sw
     return a, b, max(abs(a + b * xi - yi) / yi for xi, yi in zip(x, y))
 
 
