@@ -5,10 +5,9 @@ A block is one flattened parameter tensor of length ``d``. Its state is
 * ``m``  (d,)          first moment, in the state dtype;
 * ``U``  (tau_e, d)    orthonormal basis, stored as *rows* so each vector is contiguous;
 * ``s``  (tau_e,)      eigenvalues of the low-rank curvature part, float64;
-* ``R``  (tau_e, tau_e) float64: the eigenbasis is ``R U``. This reference keeps ``U``
-  itself the eigenbasis and ``R = I`` (and expects that); the fast path
+* ``R``  (tau_e, tau_e) float64: the eigenbasis is ``R U``. The fast path
   (``ginger_hf.fused``) moves ``U`` by cheap rank-one reflections and keeps the rest of
-  the rotation in ``R``;
+  the rotation in ``R``; this reference makes ``R U`` explicit and keeps ``R = I``;
 
 with ``tau_e = min(tau, d)``. The curvature model is ``gamma*I + U^T R^T diag(s) R U``
 (``U`` holds the basis as rows). See GINGER.md sections 1-2 for the method.

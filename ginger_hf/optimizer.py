@@ -1,4 +1,4 @@
-"""The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.functional``.
+"""The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.fused``.
 
 The shell validates hyper-parameters, creates state lazily and decides which blocks
 refresh their curvature model this step. The math lives in ``fused.py`` (the fast
