@@ -111,7 +111,9 @@ class Stepper:
     Gradients cycle through a pool of random vectors. Ginger's curvature vector is a pool
     vector rolled by a step-dependent shift (untimed), i.e. a fresh direction every step, as
     in training; a few recycled vectors would soon lie in span(U) and take the rare
-    reference fallback of ``ginger_hf.fused``.
+    reference fallback of ``ginger_hf.fused``. The stepper holds on to the vectors it hands
+    over until the next ``prepare``, so their release (``step()`` drops them, as
+    ``zero_grad()`` drops gradients) is not timed, like AdamW's gradients.
     """
 
     def __init__(self, name, shapes, make_opt, pool_grads, pool_curv, device):
@@ -124,11 +126,13 @@ class Stepper:
 
     def prepare(self):
         k = self.i % len(self.pool_grads)
+        self.handed = []  # freed here, untimed: step() drops its curvature vectors as zero_grad() drops gradients
         for j, p in enumerate(self.params):
             p.grad = self.pool_grads[k][j]
             if self.pool_curv is not None:
                 c = self.pool_curv[(k + 1) % len(self.pool_curv)][j]
                 p.curvature = c.reshape(-1).roll(7919 * self.i + 1).view_as(c)
+                self.handed.append(p.curvature)
         self.i += 1
 
     def step(self):
