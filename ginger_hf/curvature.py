@@ -39,12 +39,20 @@ def unwrap_ginger(optimizer) -> Ginger | None:
 def sample_labels(
     logits: Tensor, labels: Tensor, ignore_index: int = -100, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Labels drawn from ``softmax(logits)`` where ``labels != ignore_index``; ``ignore_index`` elsewhere."""
+    """Labels drawn from ``softmax(logits)`` where ``labels != ignore_index``; ``ignore_index`` elsewhere.
+
+    Inverse-CDF sampling: one uniform number per position, located in the row's cumulative
+    probabilities. ``torch.multinomial`` draws an exponential number per vocabulary entry
+    instead, over an order of magnitude slower on CPU for vocabularies of thousands.
+    """
     mask = labels != ignore_index
     sampled = torch.full_like(labels, ignore_index)
     probs = torch.softmax(logits[mask].float(), dim=-1)
     if probs.numel():
-        sampled[mask] = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        cdf = probs.cumsum_(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+        # right=True: the first entry whose cumulative probability exceeds u, never a zero-probability one
+        sampled[mask] = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max_(cdf.shape[-1] - 1)
     return sampled
 
 
