@@ -44,6 +44,7 @@ import tempfile
 import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -290,10 +291,11 @@ def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
     return (Q / root) @ Q.mT, (Q * root) @ Q.mT
 
 
-def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: float, damping: float):
+def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: Tensor, damping: Tensor):
     """Batched float64 solve for refresh blocks of rank ``n``: the curvature update as a reflection of ``U``.
 
-    ``stats`` (B, stride) as pass 1 writes them, ``s`` (B, n), ``R`` (B, n, n). The stored ``U``
+    ``stats`` (B, stride) as pass 1 writes them, ``s`` (B, n), ``R`` (B, n, n), ``beta2`` and
+    ``damping`` (B,). The stored ``U``
     is any near-orthonormal basis of the curvature subspace; the eigenbasis is ``R U``.
     With ``W = (U U^T)^{-1/2}`` the rows of ``W U`` are exactly orthonormal (rounding never
     accumulates), and in that basis the rank-one EMA update of GINGER.md section 2 (eigen-
@@ -324,8 +326,8 @@ def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: float, da
     fast = r > _FAST_RESIDUAL * cc.sqrt()
     r = torch.where(fast, r, torch.ones_like(r))
     z = torch.cat([(RB @ k[..., None])[..., 0], r[:, None]], 1)
-    K = (1 - beta2) * z[:, :, None] * z[:, None, :]
-    K[:, :n, :n] += torch.diag_embed(beta2 * s)
+    K = (1 - beta2)[:, None, None] * z[:, :, None] * z[:, None, :]
+    K[:, :n, :n] += torch.diag_embed(beta2[:, None] * s)
     lam, V = torch.linalg.eigh(K)  # ascending: column 0 is the eigenpair to drop
     e = torch.cat([(RB.mT @ V[:, :n, :1])[..., 0], V[:, n:, 0]], 1)  # in coordinates (B, residual)
     sigma = torch.where(e[:, n] >= 0, -1.0, 1.0)[:, None]  # reflect far from e: |v|^2 >= 2
@@ -343,7 +345,7 @@ def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: float, da
     nu = (W @ nu[..., None])[..., 0]
     s_new = lam[:, 1:].clamp_min(0)
     wm_new = wm - bt * ((nu * wm).sum(-1) + nu_c * cm)[:, None]
-    q = s_new / (damping + s_new) * (R_new @ wm_new[..., None])[..., 0]
+    q = s_new / (damping[:, None] + s_new) * (R_new @ wm_new[..., None])[..., 0]
     a = (R_new.mT @ q[..., None])[..., 0]
     return fast, s_new, R_new, a, bt, nu, nu_c, (a * bt).sum(-1)
 
@@ -377,18 +379,21 @@ def ginger(
     Rs: list[Tensor],
     steps: list[int],
     *,
-    lr: float,
+    lr: float | Sequence[float],
     beta1: float,
-    beta2: float,
-    damping: float,
-    rho: float | None,
-    weight_decay: float,
+    beta2: float | Sequence[float],
+    damping: float | Sequence[float],
+    rho: float | None | Sequence[float | None],
+    weight_decay: float | Sequence[float],
     backend: str | None = None,
 ) -> list[bool]:
     """One Ginger step for a list of blocks sharing hyper-parameters (see ``functional.ginger``).
 
     Returns, per block, whether it was applied: a block whose gradient or curvature vector
     is not finite is left bit-identical (pass 1 writes nothing, so nothing needs undoing).
+    ``lr``, ``beta2``, ``damping``, ``rho`` and ``weight_decay`` may also be given per block,
+    so param groups that differ only in those share one call (one solve, one kernel call
+    per pass).
     ``backend``: ``None`` picks the C++ kernel where it applies, ``torch.compile`` on CUDA,
     else eager torch; ``"torch"`` and ``"compile"`` force those passes on any device (tests
     use them to cover both paths on CPU).
@@ -405,6 +410,10 @@ def ginger(
     flat_g = [g if g.is_contiguous() else g.contiguous() for g in flat_g]
     flat_c = [c if c is None or c.is_contiguous() else c.contiguous() for c in flat_c]
     use_kernel = [_kernel_ok(kernel, params[i], flat_g[i], flat_c[i], ms[i], Us[i]) for i in range(nb)]
+    per_block = {name: torch.tensor(value if isinstance(value, Sequence) else [value] * nb, dtype=torch.float64)
+                 for name, value in (("lr", lr), ("beta2", beta2), ("damping", damping), ("weight_decay", weight_decay))}
+    rhos = rho if isinstance(rho, Sequence) else [rho] * nb
+    per_block["rho"] = torch.tensor([math.inf if r is None else r for r in rhos], dtype=torch.float64)
     ns = [U.shape[0] for U in Us]
     stride = _stride(max(ns))
     w1 = 1 - beta1
@@ -445,7 +454,9 @@ def ginger(
     for n, idx in by_rank.items():
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
         R = torch.stack([Rs[i] for i in idx]).to(torch.float64).cpu()
-        fast, s_new, R_new, a, bt, nu, nu_c, ab = _solve_refresh(stats[idx], n, s, R, beta2, damping)
+        fast, s_new, R_new, a, bt, nu, nu_c, ab = _solve_refresh(
+            stats[idx], n, s, R, per_block["beta2"][idx], per_block["damping"][idx]
+        )
         fast_rows = [row for row, ok in enumerate(fast.tolist()) if ok]
         fast_set = set(fast_rows)
         slow += [idx[row] for row in range(len(idx)) if row not in fast_set]
@@ -470,7 +481,8 @@ def ginger(
         for i in slow:
             Us[i].copy_((Rs[i].to(Us[i]) @ Us[i]))
             Rs[i].copy_(torch.eye(ns[i], dtype=Rs[i].dtype))
-        F.update_curvature([Us[i] for i in slow], [ss[i] for i in slow], [flat_c[i] for i in slow], [beta2] * len(slow))
+        F.update_curvature([Us[i] for i in slow], [ss[i] for i in slow], [flat_c[i] for i in slow],
+                           per_block["beta2"][torch.tensor(slow)].tolist())
         for i in slow:
             n = ns[i]
             m_new = torch.lerp(ms[i], flat_g[i].to(ms[i].dtype), w1)
@@ -484,12 +496,12 @@ def ginger(
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
         R = torch.stack([Rs[i] for i in idx]).to(torch.float64).cpu()
         wm = stats[torch.tensor(idx), n * n + n : n * n + 2 * n]
-        q = s / (damping + s) * (R @ wm[..., None])[..., 0]
+        q = s / (per_block["damping"][torch.tensor(idx)][:, None] + s) * (R @ wm[..., None])[..., 0]
         coefs[torch.tensor(idx), 6 : 6 + n] = (R.mT @ q[..., None])[..., 0]
-    coefs[:, 0] = 1.0 / (damping * (1 - beta1 ** torch.tensor(steps, dtype=torch.float64)))
-    coefs[:, 2] = lr
-    coefs[:, 3] = 1 - lr * weight_decay
-    coefs[:, 4] = math.inf if rho is None else rho
+    coefs[:, 0] = 1.0 / (per_block["damping"] * (1 - beta1 ** torch.tensor(steps, dtype=torch.float64)))
+    coefs[:, 2] = per_block["lr"]
+    coefs[:, 3] = 1 - per_block["lr"] * per_block["weight_decay"]
+    coefs[:, 4] = per_block["rho"]
 
     # Pass 2: the momentum, the parameter and (on refresh) the rotated basis.
     coefs32 = coefs.to(torch.float32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -338,6 +339,10 @@ class Ginger(Optimizer):
         checks = [fused.all_finite(g) for group, blocks in plan if group["algorithm"] == "adamw" for _, _, g, _ in blocks]
         adamw_finite = iter(torch.stack(checks).tolist() if checks else [])
 
+        # Ginger blocks of all groups that share beta1 go through one fused call (one batched
+        # solve, one kernel call per pass); lr, beta2, damping, rho and weight decay go per block.
+        ginger_calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        done = []  # (state, applied, flat target, joint params or None)
         for group, blocks in plan:
             beta1, beta2 = group["betas"]
             adamw = group["algorithm"] == "adamw"
@@ -357,33 +362,42 @@ class Ginger(Optimizer):
                 if adamw and not next(adamw_finite):
                     state["skipped"] += 1
                     continue
-                target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
                 states.append(state)
-                targets.append(target)
+                targets.append(torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key)
                 grads.append(g)
                 curvs.append(c)
                 joints.append(params if group["joint"] else None)
             if not targets:
                 continue
-            steps = [st["step"] + 1 for st in states]
             if adamw:
                 F.adamw(
-                    targets, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], steps,
+                    targets, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                    [st["step"] + 1 for st in states],
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 )
-                applied = [True] * len(targets)
-            else:
-                applied = fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
-                    targets, grads, curvs, [st["m"] for st in states], [st["U"] for st in states],
-                    [st["s"] for st in states], [st["R"] for st in states], steps,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, damping=group["damping"], rho=group["rho"],
-                    weight_decay=group["weight_decay"],
-                )
-            for state, ok, flat, params in zip(states, applied, targets, joints):
-                state["step" if ok else "skipped"] += 1
-                if ok and params is not None:
-                    for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                        p.copy_(piece.view_as(p))
+                done += zip(states, [True] * len(states), targets, joints)
+                continue
+            call = ginger_calls[beta1]
+            for name, values in (("states", states), ("targets", targets), ("grads", grads), ("curvs", curvs),
+                                 ("joints", joints)):
+                call[name] += values
+            for name in ("lr", "damping", "rho", "weight_decay"):
+                call[name] += [group[name]] * len(states)
+            call["beta2"] += [beta2] * len(states)
+        for beta1, call in ginger_calls.items():
+            states = call["states"]
+            applied = fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
+                call["targets"], call["grads"], call["curvs"], [st["m"] for st in states], [st["U"] for st in states],
+                [st["s"] for st in states], [st["R"] for st in states], [st["step"] + 1 for st in states],
+                lr=call["lr"], beta1=beta1, beta2=call["beta2"], damping=call["damping"], rho=call["rho"],
+                weight_decay=call["weight_decay"],
+            )
+            done += zip(states, applied, call["targets"], call["joints"])
+        for state, ok, flat, params in done:
+            state["step" if ok else "skipped"] += 1
+            if ok and params is not None:
+                for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                    p.copy_(piece.view_as(p))
         self.zero_curvature()
         return loss
 

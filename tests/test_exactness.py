@@ -68,10 +68,11 @@ def test_small_damping_float64(tau):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("curvature_source", ["gradient", "explicit"])
-def test_two_param_groups_with_their_own_hyperparameters(dtype, curvature_source):
+@pytest.mark.parametrize("beta1_second", [0.7, 0.9])  # 0.9: both groups share one fused call
+def test_two_param_groups_with_their_own_hyperparameters(dtype, curvature_source, beta1_second):
     hps = [
         dict(lr=0.05, betas=(0.9, 0.99), tau=2, damping=0.1, rho=None, weight_decay=0.0),
-        dict(lr=0.01, betas=(0.7, 0.9), tau=3, damping=0.3, rho=0.2, weight_decay=0.05),
+        dict(lr=0.01, betas=(beta1_second, 0.9), tau=3, damping=0.3, rho=0.2, weight_decay=0.05),
     ]
     groups, thetas, opt = run_pair(dtype, curvature_source, hps, steps=13, seed=1)
     for g, ref_thetas, hp in zip(groups, thetas, hps):
