@@ -310,9 +310,8 @@ def _solve_refresh(stats: Tensor, n: int, s: Tensor, R: Tensor, beta2: Tensor, d
     ``nu_c``, ``ab`` (B,): ``u = scale (m - a.U + ab v)`` with ``v = nu.U + nu_c c``.
     """
     Bn = stats.shape[0]
-    eye = torch.eye(n, dtype=torch.float64)
     G = stats[:, : n * n].reshape(Bn, n, n)
-    upper = eye.bool() | (torch.arange(n)[:, None] < torch.arange(n)[None, :])
+    upper = torch.arange(n)[:, None] <= torch.arange(n)[None, :]
     G = torch.where(upper, G, G.mT)  # the kernel fills the upper triangle only
     kc = stats[:, n * n : n * n + n]
     wm = stats[:, n * n + n : n * n + 2 * n]
@@ -495,9 +494,10 @@ def ginger(
     for n, idx in keep.items():
         s = torch.stack([ss[i] for i in idx]).to(torch.float64).cpu()
         R = torch.stack([Rs[i] for i in idx]).to(torch.float64).cpu()
-        wm = stats[torch.tensor(idx), n * n + n : n * n + 2 * n]
-        q = s / (per_block["damping"][torch.tensor(idx)][:, None] + s) * (R @ wm[..., None])[..., 0]
-        coefs[torch.tensor(idx), 6 : 6 + n] = (R.mT @ q[..., None])[..., 0]
+        at = torch.tensor(idx)
+        wm = stats[at, n * n + n : n * n + 2 * n]
+        q = s / (per_block["damping"][at][:, None] + s) * (R @ wm[..., None])[..., 0]
+        coefs[at, 6 : 6 + n] = (R.mT @ q[..., None])[..., 0]
     coefs[:, 0] = 1.0 / (per_block["damping"] * (1 - beta1 ** torch.tensor(steps, dtype=torch.float64)))
     coefs[:, 2] = per_block["lr"]
     coefs[:, 3] = 1 - per_block["lr"] * per_block["weight_decay"]
