@@ -1,24 +1,31 @@
-// Two streaming passes of a Ginger step on CPU (see ginger_hf/fused.py for the math).
+// The two streaming passes of a Ginger step on CPU (the math: ginger_hf/fused.py, ginger_hf/solve.py).
 // Plain C++17, no torch headers: built once with the system compiler and loaded with ctypes.
-// Each pass takes all blocks of one dtype pair at once and splits the total work
-// between std::threads, so there is one call per pass, not one per tensor.
 //
-// Reads cost more than writes here (a core's outstanding misses bound its read bandwidth),
-// so the passes read each input once: pass 1 is read-only and also checks finiteness,
-// pass 2 recomputes the momentum from (m, g) instead of re-reading a stored one.
+// A call covers every block of one rank n and one dtype pair; blocks are rows of tensors or whole
+// tensors, each described by (k, refresh, U stride) and its data pointers. The work (elements times
+// a per-element cost) is split between std::threads in contiguous shares, so one huge block is split
+// across threads and thousands of small ones are dealt out whole.
+//
+// Within a chunk of at most CHUNK elements, the passes sweep one basis row at a time (the chunk stays
+// in cache), so any rank works with the same code. Pass 1 reads only; pass 2 recomputes the momentum
+// from (m, g) instead of reading a stored one. Where the outputs go inside a block's row of sums or
+// coefficients comes from the caller (ginger_hf/solve.py's StatsLayout and CoefLayout).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <new>
 #include <thread>
 #include <vector>
 
 namespace {
 
-constexpr int W = 16;           // vector width in floats
-constexpr int64_t B = 4096;     // elements per chunk: float partial sums, then double
-constexpr int T = 4;            // rows per register tile of the Gram matrix
+constexpr int W = 16;  // vector width in floats
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
+typedef double vd __attribute__((vector_size(W / 2 * 8)));
+typedef float vf8 __attribute__((vector_size(W / 2 * 4)));
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -28,6 +35,20 @@ inline double hsum(vf v) {  // pairwise: short dependency chain, smaller roundin
   for (int h = W / 2; h > 0; h /= 2) for (int i = 0; i < h; ++i) t[i] += t[i + h];
   return t[0];
 }
+inline double hsum(vd v) {
+  double t[W / 2]; std::memcpy(t, &v, sizeof v);
+  double s = 0; for (int i = 0; i < W / 2; ++i) s += t[i];
+  return s;
+}
+// Squares of a float vector summed in double: exact products, no overflow for any finite float.
+inline vd sq2(vf a, vf b) {
+  vf8 a0, a1, b0, b1;
+  std::memcpy(&a0, &a, sizeof a0); std::memcpy(&a1, (const char*)&a + sizeof a0, sizeof a1);
+  std::memcpy(&b0, &b, sizeof b0); std::memcpy(&b1, (const char*)&b + sizeof b0, sizeof b1);
+  vd x0 = __builtin_convertvector(a0, vd), x1 = __builtin_convertvector(a1, vd);
+  vd y0 = __builtin_convertvector(b0, vd), y1 = __builtin_convertvector(b1, vd);
+  return x0 * y0 + x1 * y1;
+}
 inline vu round_bf16_bits(vf x) {  // round to nearest even bfloat16: the high 16 bits
   vu b = (vu)x;
   return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
@@ -35,8 +56,9 @@ inline vu round_bf16_bits(vf x) {  // round to nearest even bfloat16: the high 1
 inline vf round_bf16(vf x) { return (vf)(round_bf16_bits(x) << 16); }
 
 struct bf16 { uint16_t bits; };
+template <class T> constexpr bool is_bf16() { return sizeof(T) == 2; }
 
-// Bring L elements of a tensor into float (the tensor itself when possible; padded with zeros).
+// Bring L elements into float (the tensor itself when possible), zero-padded to a multiple of W.
 inline const float* src(const float* p, float* buf, int64_t L) {
   if (L % W == 0) return p;
   std::memcpy(buf, p, L * 4);
@@ -68,7 +90,6 @@ inline void flush(bf16* p, const float* buf, int64_t L) {
     p[x].bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
 }
-template <class T> constexpr bool is_bf16() { return sizeof(T) == 2; }
 
 // torch.lerp(m, g, w1) in float (its two formulas), rounded like the state dtype.
 template <class S>
@@ -77,169 +98,199 @@ inline vf lerp(vf m, vf g, float w1) {
   return is_bf16<S>() ? round_bf16(r) : r;
 }
 
-struct Scratch {
-  std::vector<float> v;
-  explicit Scratch(int n) : v((n + 5) * B + W) {}
-  float* at(int i) { return v.data() + i * B; }
+// Named places in a block's row of sums / coefficients (offsets from the Python layouts).
+struct StatsView {
+  int64_t width, gram, uc, um, cc, cm, mm, gg;
+  explicit StatsView(const int64_t* o) : width(o[0]), gram(o[1]), uc(o[2]), um(o[3]), cc(o[4]), cm(o[5]),
+                                         mm(o[6]), gg(o[7]) {}
+};
+struct CoefView {
+  int64_t width, scale, ab, lr, decay, rho, nu_c, a, bt, nu;
+  explicit CoefView(const int64_t* o) : width(o[0]), scale(o[1]), ab(o[2]), lr(o[3]), decay(o[4]), rho(o[5]),
+                                        nu_c(o[6]), a(o[7]), bt(o[8]), nu(o[9]) {}
 };
 
-// Over Lp elements: U c and U m for rows [0, NI) of u, and their Gram tile (upper triangle).
-template <int NI, bool R>
-void diag_tile(const float* const* u, const float* mv, const float* cv, int64_t Lp, double* kc, double* wm,
-               double* G, int ldG) {
-  vf ak[NI], aw[NI], ag[NI * NI];
-  for (int j = 0; j < NI; ++j) ak[j] = aw[j] = vf{};
-  for (int j = 0; j < NI * NI; ++j) ag[j] = vf{};
-  for (int64_t x = 0; x < Lp; x += W) {
-    vf uj[NI], m = ld(mv + x);
-    for (int j = 0; j < NI; ++j) { uj[j] = ld(u[j] + x); aw[j] += uj[j] * m; }
-    if (R) {
-      vf c = ld(cv + x);
-      for (int j = 0; j < NI; ++j) {
-        ak[j] += uj[j] * c;
-        for (int i = 0; i <= j; ++i) ag[i * NI + j] += uj[i] * uj[j];
-      }
-    }
-  }
-  for (int j = 0; j < NI; ++j) {
-    wm[j] += hsum(aw[j]);
-    if (R) {
-      kc[j] += hsum(ak[j]);
-      for (int i = 0; i <= j; ++i) G[i * ldG + j] += hsum(ag[i * NI + j]);
-    }
-  }
-}
+// One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given.
+struct Block {
+  int64_t k, refresh, ustride;
+};
 
-// Over Lp elements: the Gram tile of rows ui[0, NI) against uj[0, NJ).
+constexpr int64_t CHUNK = 2048;  // elements per chunk: n + 6 rows of it stay in cache
+
+struct Scratch {
+  std::vector<float> v;
+  explicit Scratch(int rows) : v((size_t)rows * CHUNK + W) {}
+  float* at(int i) { return v.data() + (size_t)i * CHUNK; }
+};
+
+// Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements.
 template <int NI, int NJ>
-void cross_tile(const float* const* ui, const float* const* uj, int64_t Lp, double* G, int ldG) {
-  vf ag[NI * NJ];
-  for (int j = 0; j < NI * NJ; ++j) ag[j] = vf{};
+void gram_tile(const float* const* u, int i0, int j0, int64_t Lp, double* G, int n) {
+  vf acc[NI][NJ] = {};
   for (int64_t x = 0; x < Lp; x += W) {
     vf a[NI], b[NJ];
-    for (int i = 0; i < NI; ++i) a[i] = ld(ui[i] + x);
-    for (int j = 0; j < NJ; ++j) b[j] = ld(uj[j] + x);
-    for (int i = 0; i < NI; ++i) for (int j = 0; j < NJ; ++j) ag[i * NJ + j] += a[i] * b[j];
+    for (int i = 0; i < NI; ++i) a[i] = ld(u[i0 + i] + x);
+    for (int j = 0; j < NJ; ++j) b[j] = ld(u[j0 + j] + x);
+    for (int i = 0; i < NI; ++i) for (int j = 0; j < NJ; ++j) acc[i][j] += a[i] * b[j];
   }
-  for (int i = 0; i < NI; ++i) for (int j = 0; j < NJ; ++j) G[i * ldG + j] += hsum(ag[i * NJ + j]);
+  for (int i = 0; i < NI; ++i)
+    for (int j = 0; j < NJ; ++j)
+      if (i0 + i <= j0 + j) G[(i0 + i) * n + j0 + j] += hsum(acc[i][j]);
+}
+template <int NI>
+void gram_row(const float* const* u, int i0, int n, int64_t Lp, double* G) {
+  for (int j0 = i0; j0 < n; j0 += 4) {
+    switch (n - j0 >= 4 ? 4 : n - j0) {
+      case 4: gram_tile<NI, 4>(u, i0, j0, Lp, G, n); break;
+      case 3: gram_tile<NI, 3>(u, i0, j0, Lp, G, n); break;
+      case 2: gram_tile<NI, 2>(u, i0, j0, Lp, G, n); break;
+      default: gram_tile<NI, 1>(u, i0, j0, Lp, G, n); break;
+    }
+  }
+}
+void gram(const float* const* u, int n, int64_t Lp, double* G) {
+  for (int i0 = 0; i0 < n; i0 += 4) {
+    switch (n - i0 >= 4 ? 4 : n - i0) {
+      case 4: gram_row<4>(u, i0, n, Lp, G); break;
+      case 3: gram_row<3>(u, i0, n, Lp, G); break;
+      case 2: gram_row<2>(u, i0, n, Lp, G); break;
+      default: gram_row<1>(u, i0, n, Lp, G); break;
+    }
+  }
+}
+inline double dot(const float* a, const float* b, int64_t Lp) {
+  vf acc = vf{};
+  for (int64_t x = 0; x < Lp; x += W) acc += ld(a + x) * ld(b + x);
+  return hsum(acc);
 }
 
-// Pass 1 on elements [x0, x1) of one block; reads only. With mv = lerp(m, g, w1), the momentum
-// pass 2 will store, adds to out = [G (N*N, upper triangle), U c (N), U m (N), c.c, c.m, chk]
-// (refresh) or to U m and chk only; chk sums x - x over mv and c: NaN iff one is not finite.
-template <int N, bool R, class S, class P>
-void pass1(int64_t d, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0, int64_t x1,
-           double* out, Scratch& sc) {
-  constexpr int REM = N % T == 0 ? T : N % T;  // rows in the last tile
-  double* G = out;
-  double* kc = out + N * N;
-  double* wm = out + N * N + N;
-  double cc = 0, cm = 0, chk = 0;
-  for (int64_t xb = x0; xb < x1; xb += B) {
-    const int64_t L = xb + B < x1 ? B : x1 - xb, Lp = (L + W - 1) / W * W;
-    const float* u[N];
-    for (int j = 0; j < N; ++j) u[j] = src(U + j * d + xb, sc.at(j), L);
-    const float* mi = src(m + xb, sc.at(N), L);
-    const float* gi = src(g + xb, sc.at(N + 1), L);
-    const float* ci = R ? src(c + xb, sc.at(N + 2), L) : nullptr;
-    float* mv = sc.at(N + 3);
-    vf acc = vf{}, acm = vf{}, ach = vf{};
+// Pass 1 on elements [x0, x1) of one block; reads only. With mv = lerp(m, g, w1) it adds
+// U m', m'.m', g.g and, on refresh, the Gram U U^T (upper triangle), U c, c.c, c.m' to out.
+template <class S, class P>
+void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0,
+           int64_t x1, double* out, const StatsView& sv, Scratch& sc) {
+  const bool R = b.refresh;
+  double cc = 0, cm = 0, mm = 0, gg = 0;
+  const float* u[64];
+  for (int64_t xb = x0; xb < x1; xb += CHUNK) {
+    const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
+    for (int j = 0; j < n; ++j) u[j] = src(U + j * b.ustride + xb, sc.at(j), L);
+    const float* mi = src(m + xb, sc.at(n), L);
+    const float* gi = src(g + xb, sc.at(n + 1), L);
+    const float* ci = R ? src(c + xb, sc.at(n + 2), L) : nullptr;
+    float* mv = sc.at(n + 3);
+    vd amm = vd{}, agg = vd{}, acc = vd{};
+    vf acm = vf{};
     for (int64_t x = 0; x < Lp; x += W) {
-      vf mx = lerp<S>(ld(mi + x), ld(gi + x), w1);
+      vf mx = lerp<S>(ld(mi + x), ld(gi + x), w1), gx = ld(gi + x);
       st(mv + x, mx);
-      ach += mx - mx;
-      if (R) { vf cx = ld(ci + x); ach += cx - cx; acc += cx * cx; acm += cx * mx; }
+      amm += sq2(mx, mx);
+      agg += sq2(gx, gx);
+      if (R) { vf cx = ld(ci + x); acc += sq2(cx, cx); acm += cx * mx; }
     }
-    chk += hsum(ach);
+    mm += hsum(amm); gg += hsum(agg);
     if (R) { cc += hsum(acc); cm += hsum(acm); }
-    for (int i0 = 0; i0 < N; i0 += T) {
-      if (N - i0 >= T) diag_tile<T, R>(u + i0, mv, ci, Lp, kc + i0, wm + i0, G + i0 * N + i0, N);
-      else diag_tile<REM, R>(u + i0, mv, ci, Lp, kc + i0, wm + i0, G + i0 * N + i0, N);
-      if (!R) continue;
-      for (int j0 = i0 + T; j0 < N; j0 += T) {  // i-tile is full here
-        if (N - j0 >= T) cross_tile<T, T>(u + i0, u + j0, Lp, G + i0 * N + j0, N);
-        else cross_tile<T, REM>(u + i0, u + j0, Lp, G + i0 * N + j0, N);
-      }
+    for (int j = 0; j < n; ++j) {
+      out[sv.um + j] += dot(u[j], mv, Lp);
+      if (R) out[sv.uc + j] += dot(u[j], ci, Lp);
     }
+    if (R) gram(u, n, Lp, out + sv.gram);
   }
-  out[N * N + 2 * N] += cc; out[N * N + 2 * N + 1] += cm; out[N * N + 2 * N + 2] += chk;
+  out[sv.mm] += mm; out[sv.gg] += gg;
+  if (R) { out[sv.cc] += cc; out[sv.cm] += cm; }
 }
 
-// Pass 2 on [x0, x1): m <- lerp(m, g, w1); on refresh v = nu.U + nu_c c;
-// u = scale * (m - a.U + ab v), clipped to [-rho, rho]; p <- p * decay - lr * u;
-// on refresh U <- U - bt v^T in place (a rank-one reflection: O(N) per element).
-// coef = [scale, ab, lr, decay, rho, nu_c, a (N), bt (N), nu (N)].
-template <int N, bool R, class S, class P>
-void pass2(int64_t d, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef, int64_t x0,
-           int64_t x1, Scratch& sc) {
-  const vf scale = splat(coef[0]), ab = splat(coef[1]), nlr = splat(-coef[2]), decay = splat(coef[3]);
-  const vf rho = splat(coef[4]), nrho = splat(-coef[4]), nu_c = splat(coef[5]);
-  const bool do_decay = coef[3] != 1.f;
-  vf a[N], bt[N], nu[N];
-  for (int j = 0; j < N; ++j) { a[j] = splat(coef[6 + j]); bt[j] = splat(coef[6 + N + j]); nu[j] = splat(coef[6 + 2 * N + j]); }
-  for (int64_t xb = x0; xb < x1; xb += B) {
-    const int64_t L = xb + B < x1 ? B : x1 - xb, Lp = (L + W - 1) / W * W;
-    const float* u[N];
-    float* uo[N];
-    for (int j = 0; j < N; ++j) {
-      u[j] = src(U + j * d + xb, sc.at(j), L);
-      uo[j] = R ? dst(U + j * d + xb, sc.at(j), L) : nullptr;
-    }
-    const float* mi = src(m + xb, sc.at(N), L);
-    const float* gi = src(g + xb, sc.at(N + 1), L);
-    const float* pi = src(p + xb, sc.at(N + 2), L);
-    const float* ci = R ? src(c + xb, sc.at(N + 3), L) : nullptr;
-    float* mo = dst(m + xb, sc.at(N), L);
-    float* po = dst(p + xb, sc.at(N + 2), L);
+// Pass 2 on [x0, x1): m <- lerp(m, g, w1); v = nu.U + nu_c c (refresh); u = scale (m - a.U + ab v),
+// clipped to [-rho, rho]; p <- p * decay - lr * u; on refresh U <- U - bt v^T (a rank-one reflection).
+// Returns how many coordinates the clip cut.
+template <class S, class P>
+int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef,
+              const CoefView& cv, int64_t x0, int64_t x1, Scratch& sc) {
+  const bool R = b.refresh;
+  const vf scale = splat(coef[cv.scale]), ab = splat(coef[cv.ab]), nlr = splat(-coef[cv.lr]);
+  const vf decay = splat(coef[cv.decay]), rho = splat(coef[cv.rho]), nrho = splat(-coef[cv.rho]);
+  const vf nu_c = splat(coef[cv.nu_c]);
+  const bool do_decay = coef[cv.decay] != 1.f;
+  int64_t clipped = 0;
+  for (int64_t xb = x0; xb < x1; xb += CHUNK) {
+    const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
+    const float* mi = src(m + xb, sc.at(0), L);
+    const float* gi = src(g + xb, sc.at(1), L);
+    const float* pi = src(p + xb, sc.at(2), L);
+    const float* ci = R ? src(c + xb, sc.at(3), L) : nullptr;
+    float* dir = sc.at(4);
+    float* v = sc.at(5);
+    float* ubuf = sc.at(6);
     for (int64_t x = 0; x < Lp; x += W) {
-      vf uj[N];
-      for (int j = 0; j < N; ++j) uj[j] = ld(u[j] + x);
-      vf mx = lerp<S>(ld(mi + x), ld(gi + x), w1);
-      st(mo + x, mx);
-      vf dir = mx, v = vf{};
-      for (int j = 0; j < N; ++j) dir -= a[j] * uj[j];
-      if (R) {
-        v = nu_c * ld(ci + x);
-        for (int j = 0; j < N; ++j) v += nu[j] * uj[j];
-        dir += ab * v;
-      }
-      dir *= scale;
-      dir = dir > rho ? rho : dir;
-      dir = dir < nrho ? nrho : dir;
-      vf pv = ld(pi + x);
-      if (is_bf16<P>()) dir = round_bf16(dir);
-      if (do_decay) { pv *= decay; if (is_bf16<P>()) pv = round_bf16(pv); }
-      st(po + x, pv + nlr * dir);
-      if (R) for (int i = 0; i < N; ++i) st(uo[i] + x, uj[i] - bt[i] * v);
+      st(dir + x, lerp<S>(ld(mi + x), ld(gi + x), w1));
+      if (R) st(v + x, nu_c * ld(ci + x));
     }
+    float* mo = dst(m + xb, sc.at(0), L);
+    for (int64_t x = 0; x < Lp; x += W) st(mo + x, ld(dir + x));  // m' (before dir changes)
     flush(m + xb, mo, L);
+    for (int j = 0; j < n; ++j) {
+      const float* uj = src(U + j * b.ustride + xb, ubuf, L);
+      const vf a = splat(coef[cv.a + j]), nu = splat(coef[cv.nu + j]);
+      for (int64_t x = 0; x < Lp; x += W) {
+        vf ux = ld(uj + x);
+        st(dir + x, ld(dir + x) - a * ux);
+        if (R) st(v + x, ld(v + x) + nu * ux);
+      }
+    }
+    float* po = dst(p + xb, sc.at(2), L);
+    vu nclip = vu{};
+    for (int64_t x = 0; x < Lp; x += W) {
+      vf d = ld(dir + x);
+      if (R) d += ab * ld(v + x);
+      d *= scale;
+      vu cut = (vu)(d > rho) | (vu)(d < nrho);
+      nclip += cut & 1u;
+      d = d > rho ? rho : d;
+      d = d < nrho ? nrho : d;
+      vf pv = ld(pi + x);
+      if (is_bf16<P>()) d = round_bf16(d);
+      if (do_decay) { pv *= decay; if (is_bf16<P>()) pv = round_bf16(pv); }
+      st(po + x, pv + nlr * d);
+    }
+    {
+      uint32_t t[W]; std::memcpy(t, &nclip, sizeof t);
+      for (int i = 0; i < W; ++i) clipped += t[i];  // padding is 0 there, never cut
+    }
     flush(p + xb, po, L);
-    if (R) for (int j = 0; j < N; ++j) flush(U + j * d + xb, uo[j], L);
+    if (R) {
+      for (int j = 0; j < n; ++j) {
+        S* Uj = U + j * b.ustride + xb;
+        const float* uj = src(Uj, ubuf, L);
+        float* uo = dst(Uj, ubuf, L);
+        const vf bt = splat(coef[cv.bt + j]);
+        for (int64_t x = 0; x < Lp; x += W) st(uo + x, ld(uj + x) - bt * ld(v + x));
+        flush(Uj, uo, L);
+      }
+    }
   }
+  return clipped;
 }
 
-// Block i's meta = [n, d, refresh]; ptrs = 4 data pointers. Thread t takes, in every block, the
-// element range whose cumulative (weighted) work falls in its share; ranges are W-aligned.
-inline int64_t work(const int64_t* meta, bool second) {
-  int64_t n = meta[0], r = meta[2];
-  return second ? (r ? 2 * n + 5 : n + 4) : (r ? n + 3 : n + 2);
-}
+// Thread t takes the contiguous share [total * t / nt, total * (t + 1) / nt) of the weighted work;
+// within a block the share is an element range, W-aligned.
 struct Plan {
-  std::vector<int64_t> start;  // cumulative weighted work before block i
+  std::vector<int64_t> start;
+  std::vector<int64_t> weight;
   int64_t total = 0;
-  Plan(int nb, const int64_t* meta, bool second) : start(nb) {
+  Plan(int nb, const Block* blocks, int n, bool second) : start(nb), weight(nb) {
     for (int i = 0; i < nb; ++i) {
+      const bool r = blocks[i].refresh;
+      weight[i] = second ? (r ? 2 * n + 6 : n + 4) : (r ? (n * n + 5 * n) / 2 + 4 : n + 3);
       start[i] = total;
-      total += meta[3 * i + 1] * work(meta + 3 * i, second);
+      total += blocks[i].k * weight[i];
     }
   }
-  int64_t bound(int i, const int64_t* meta, int t, int nt, bool second) const {
-    int64_t d = meta[3 * i + 1], w = work(meta + 3 * i, second);
-    int64_t T_ = (int64_t)((__int128)total * t / nt) - start[i];
-    if (T_ <= 0) return 0;
-    int64_t x = (T_ + w - 1) / w;
+  int64_t bound(int i, int64_t k, int t, int nt) const {
+    int64_t share = (int64_t)((__int128)total * t / nt) - start[i];
+    if (share <= 0) return 0;
+    int64_t x = (share + weight[i] - 1) / weight[i];
     x = (x + W - 1) / W * W;
-    return x < d ? x : d;
+    return x < k ? x : k;
   }
 };
 
@@ -251,88 +302,330 @@ void run_threads(int nt, F&& f) {
   for (auto& x : th) x.join();
 }
 
-template <int N, class S, class P>
-void p1_block(bool r, int64_t d, int64_t* ptr, float w1, int64_t x0, int64_t x1, double* out, Scratch& sc) {
-  const S* U = (const S*)ptr[0]; const S* m = (const S*)ptr[1];
-  const P* g = (const P*)ptr[2]; const P* c = (const P*)ptr[3];
-  if (r) pass1<N, true, S, P>(d, U, m, g, c, w1, x0, x1, out, sc);
-  else pass1<N, false, S, P>(d, U, m, g, c, w1, x0, x1, out, sc);
-}
-template <int N, class S, class P>
-void p2_block(bool r, int64_t d, int64_t* ptr, float w1, const float* coef, int64_t x0, int64_t x1, Scratch& sc) {
-  S* U = (S*)ptr[0]; S* m = (S*)ptr[1]; const P* g = (const P*)ptr[2]; P* p = (P*)ptr[3];
-  const P* c = (const P*)ptr[4];
-  if (r) pass2<N, true, S, P>(d, U, m, g, p, c, w1, coef, x0, x1, sc);
-  else pass2<N, false, S, P>(d, U, m, g, p, c, w1, coef, x0, x1, sc);
-}
-
-#define GINGER_SWITCH_N(n, CALL) \
-  switch (n) { \
-    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
-    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; case 8: CALL(8); break; \
-    case 12: CALL(12); break; case 16: CALL(16); break; default: break; }
-
 template <class S, class P>
-void run_pass1(int nb, const int64_t* meta, int64_t* ptrs, float w1, double* out, int stride, int nt) {
-  Plan plan(nb, meta, false);
+void run_pass1(int n, int nb, const Block* blocks, const int64_t* ptrs, float w1, double* out,
+               const StatsView& sv, int nt) {
+  Plan plan(nb, blocks, n, false);
+  std::mutex lock;
   run_threads(nt, [&](int t) {
-    Scratch sc(16);
+    Scratch sc(n + 4);
+    std::vector<double> part(sv.width);
     for (int i = 0; i < nb; ++i) {
-      int64_t x0 = plan.bound(i, meta, t, nt, false), x1 = plan.bound(i, meta, t + 1, nt, false);
+      const Block& b = blocks[i];
+      int64_t x0 = plan.bound(i, b.k, t, nt), x1 = plan.bound(i, b.k, t + 1, nt);
       if (x0 >= x1) continue;
-      int n = (int)meta[3 * i];
-      double* o = out + ((int64_t)t * nb + i) * stride;
-#define P1(K) p1_block<K, S, P>(meta[3 * i + 2], meta[3 * i + 1], ptrs + 4 * i, w1, x0, x1, o, sc)
-      GINGER_SWITCH_N(n, P1)
-#undef P1
+      const int64_t* q = ptrs + 4 * i;
+      const bool whole = x0 == 0 && x1 == b.k;
+      double* o = whole ? out + (int64_t)i * sv.width : part.data();
+      if (!whole) std::fill(part.begin(), part.end(), 0.0);
+      pass1<S, P>(n, b, (const S*)q[0], (const S*)q[1], (const P*)q[2], (const P*)q[3], w1, x0, x1, o, sv, sc);
+      if (!whole) {  // a block split between threads: add this share under the lock
+        std::lock_guard<std::mutex> g(lock);
+        for (int64_t j = 0; j < sv.width; ++j) out[(int64_t)i * sv.width + j] += part[j];
+      }
     }
   });
 }
 
 template <class S, class P>
-void run_pass2(int nb, const int64_t* meta, int64_t* ptrs, float w1, const float* coef, int cstride, int nt) {
-  Plan plan(nb, meta, true);
+int64_t run_pass2(int n, int nb, const Block* blocks, const int64_t* ptrs, float w1, const float* coef,
+                  const CoefView& cv, int nt) {
+  Plan plan(nb, blocks, n, true);
+  std::vector<int64_t> clipped(nt, 0);
   run_threads(nt, [&](int t) {
-    Scratch sc(16);
+    Scratch sc(7);
     for (int i = 0; i < nb; ++i) {
-      int64_t x0 = plan.bound(i, meta, t, nt, true), x1 = plan.bound(i, meta, t + 1, nt, true);
+      const Block& b = blocks[i];
+      int64_t x0 = plan.bound(i, b.k, t, nt), x1 = plan.bound(i, b.k, t + 1, nt);
       if (x0 >= x1) continue;
-      int n = (int)meta[3 * i];
-#define P2(K) p2_block<K, S, P>(meta[3 * i + 2], meta[3 * i + 1], ptrs + 5 * i, w1, \
-                                coef + (int64_t)i * cstride, x0, x1, sc)
-      GINGER_SWITCH_N(n, P2)
-#undef P2
+      const int64_t* q = ptrs + 5 * i;
+      clipped[t] += pass2<S, P>(n, b, (S*)q[0], (S*)q[1], (const P*)q[2], (P*)q[3], (const P*)q[4], w1,
+                                coef + (int64_t)i * cv.width, cv, x0, x1, sc);
     }
   });
+  int64_t sum = 0;
+  for (int64_t c : clipped) sum += c;
+  return sum;
+}
+
+
+// ---- The small refresh problem of each block (ginger_hf/solve.py's solve_refresh, in double) ----
+
+// Small dense row-major matrices over a per-thread arena: no allocation per block.
+struct Arena {
+  std::vector<double> buf;
+  size_t top = 0;
+  explicit Arena(int n) : buf((size_t)48 * (n + 1) * (n + 1) + 64 * (n + 1)) {}
+  double* get(size_t k) {
+    if (top + k > buf.size()) throw std::bad_alloc();
+    double* p = buf.data() + top;
+    top += k;
+    std::fill(p, p + k, 0.0);
+    return p;
+  }
+};
+struct Mat {
+  int r, c;
+  double* v;
+  double& operator()(int i, int j) { return v[i * c + j]; }
+  double operator()(int i, int j) const { return v[i * c + j]; }
+};
+Mat mat(Arena& A, int r, int c) { return Mat{r, c, A.get((size_t)r * c)}; }
+Mat eye(Arena& A, int n) { Mat m = mat(A, n, n); for (int i = 0; i < n; ++i) m(i, i) = 1; return m; }
+Mat copy(Arena& A, const Mat& a) { Mat o = mat(A, a.r, a.c); std::memcpy(o.v, a.v, sizeof(double) * a.r * a.c); return o; }
+Mat mul(Arena& A, const Mat& a, const Mat& b) {
+  Mat o = mat(A, a.r, b.c);
+  for (int i = 0; i < a.r; ++i)
+    for (int k = 0; k < a.c; ++k) {
+      const double x = a(i, k);
+      for (int j = 0; j < b.c; ++j) o(i, j) += x * b(k, j);
+    }
+  return o;
+}
+Mat tr(Arena& A, const Mat& a) {
+  Mat o = mat(A, a.c, a.r);
+  for (int i = 0; i < a.r; ++i) for (int j = 0; j < a.c; ++j) o(j, i) = a(i, j);
+  return o;
+}
+
+// Cyclic Jacobi: S (symmetric, n x n) = V diag(w) V^T, w ascending, eigenvectors in V's columns.
+void eigh(Arena& Ar, const Mat& S, double* w, Mat& V) {
+  const int n = S.r;
+  Mat A = copy(Ar, S);
+  Mat U = eye(Ar, n);
+  double norm = 0;
+  for (int i = 0; i < n * n; ++i) norm += A.v[i] * A.v[i];
+  for (int sweep = 0; sweep < 64; ++sweep) {
+    double off = 0;
+    for (int p = 0; p < n; ++p) for (int q = p + 1; q < n; ++q) off += A(p, q) * A(p, q);
+    if (off <= 1e-31 * norm) break;  // off-diagonal at rounding level
+    for (int p = 0; p < n; ++p)
+      for (int q = p + 1; q < n; ++q) {
+        const double apq = A(p, q);
+        if (std::fabs(apq) <= 1e-17 * (std::fabs(A(p, p)) + std::fabs(A(q, q)))) {  // negligible: drop it
+          A(p, q) = A(q, p) = 0;
+          continue;
+        }
+        const double theta = (A(q, q) - A(p, p)) / (2 * apq);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+        const double c = 1 / std::sqrt(t * t + 1), s = t * c, tau = s / (1 + c);
+        A(p, p) -= t * apq;
+        A(q, q) += t * apq;
+        A(p, q) = A(q, p) = 0;
+        for (int k = 0; k < n; ++k) {
+          if (k != p && k != q) {
+            const double g = A(k, p), h = A(k, q);
+            A(k, p) = A(p, k) = g - s * (h + g * tau);
+            A(k, q) = A(q, k) = h + s * (g - h * tau);
+          }
+          const double g = U(k, p), h = U(k, q);
+          U(k, p) = g - s * (h + g * tau);
+          U(k, q) = h + s * (g - h * tau);
+        }
+      }
+  }
+  int order[65];
+  for (int i = 0; i < n; ++i) order[i] = i;
+  for (int i = 1; i < n; ++i)  // insertion sort: ascending eigenvalues
+    for (int j = i; j > 0 && A(order[j], order[j]) < A(order[j - 1], order[j - 1]); --j) std::swap(order[j], order[j - 1]);
+  V = mat(Ar, n, n);
+  for (int j = 0; j < n; ++j) {
+    w[j] = A(order[j], order[j]);
+    for (int k = 0; k < n; ++k) V(k, j) = U(k, order[j]);
+  }
+}
+
+// (G^{-1/2}, G^{1/2}) of a symmetric positive definite G near I: coupled Newton-Schulz until the
+// correction is at rounding level (quadratic: 2-3 iterations from |G - I| ~ 1e-7), eigen fallback.
+void inverse_sqrt(Arena& Ar, const Mat& G, Mat& Z, Mat& Y) {
+  const int n = G.r;
+  Y = copy(Ar, G);
+  Z = eye(Ar, n);
+  for (int it = 0; it < 8; ++it) {
+    Mat T = mul(Ar, Z, Y);
+    double dev = 0;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        T(i, j) = (i == j ? 1.5 : 0.0) - 0.5 * T(i, j);
+        dev = std::fmax(dev, std::fabs(T(i, j) - (i == j)));
+      }
+    if (dev == 0) return;
+    Y = mul(Ar, Y, T);
+    Z = mul(Ar, T, Z);
+    if (dev < 1e-9) {  // the next correction would be below 1e-18: converged
+      if (it < 7) return;
+    }
+  }
+  double e[65];
+  Mat Q{0, 0, nullptr};
+  eigh(Ar, G, e, Q);
+  Z = mat(Ar, n, n);
+  Y = mat(Ar, n, n);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j)
+      for (int k = 0; k < n; ++k) {
+        const double root = std::sqrt(std::fmax(e[k], 1e-300));
+        Z(i, j) += Q(i, k) * Q(j, k) / root;
+        Y(i, j) += Q(i, k) * Q(j, k) * root;
+      }
+}
+
+inline double powm(double x, double power) {  // x^-power, exact paths for the two usual powers
+  return power == 1.0 ? 1 / x : power == 0.5 ? 1 / std::sqrt(x) : std::pow(x, -power);
+}
+
+// Per-block parameters: beta2, damping, relative_damping, power, debias, k, momentum_debias, tolerance.
+constexpr int NPARAM = 8;
+
+// Solve one block; out row: coefficients (CoefView places; lr, decay, rho left to the caller), then
+// [s (n), R (n*n), e, rotate, update_sq, span_sq] from rest0 on.
+void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, const double* s, const double* Rin,
+                 double e, const double* prm, double* out, const CoefView& cv, int64_t rest0) {
+  Ar.top = 0;
+  const double beta2 = prm[0], damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5];
+  const double mdebias = prm[6], tol = prm[7];
+  Mat G = mat(Ar, n, n), R = mat(Ar, n, n);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      G(i, j) = i <= j ? stats[sv.gram + i * n + j] : stats[sv.gram + j * n + i];
+      R(i, j) = Rin[i * n + j];
+    }
+  const double* uc = stats + sv.uc;
+  const double* um = stats + sv.um;
+  const double cc = stats[sv.cc], cm = stats[sv.cm], mm = stats[sv.mm];
+  Mat W{0, 0, nullptr}, Wi{0, 0, nullptr};
+  inverse_sqrt(Ar, G, W, Wi);
+  double kk[64] = {};
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) kk[i] += W(i, j) * uc[j];
+  Mat RB = mul(Ar, R, Wi);  // the eigenbasis in W U: orthogonal up to rounding, made exactly so
+  {
+    Mat Z{0, 0, nullptr}, Y{0, 0, nullptr};
+    inverse_sqrt(Ar, mul(Ar, tr(Ar, RB), RB), Z, Y);
+    RB = mul(Ar, RB, Z);
+  }
+  double r2 = cc;
+  for (int i = 0; i < n; ++i) r2 -= kk[i] * kk[i];
+  double r = std::sqrt(std::fmax(r2, 0.0));
+  const bool rotate = r > tol * std::sqrt(cc);
+  if (!rotate) r = 0;
+  const int m = n + 1;
+  double z[65] = {};
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) z[i] += RB(i, j) * kk[j];
+  z[n] = r;
+  Mat K = mat(Ar, m, m);
+  for (int i = 0; i < m; ++i) for (int j = 0; j < m; ++j) K(i, j) = (1 - beta2) * z[i] * z[j];
+  for (int i = 0; i < n; ++i) K(i, i) += beta2 * s[i];
+  if (!rotate) K(n, n) -= 1;  // in span: pin the residual slot below the rest, so that it is dropped
+  double lam[65];
+  Mat V{0, 0, nullptr};
+  eigh(Ar, K, lam, V);
+  double ed[65] = {};  // the dropped eigenvector in coordinates (W U, residual)
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) ed[i] += RB(j, i) * V(j, 0);
+  ed[n] = V(n, 0);
+  const double sigma = ed[n] >= 0 ? -1.0 : 1.0;  // reflect far from ed: |v|^2 >= 2
+  double v[65], vv = 0;
+  for (int i = 0; i < m; ++i) { v[i] = -sigma * ed[i] + (i == n ? 1.0 : 0.0); vv += v[i] * v[i]; }
+  Mat Qt = mat(Ar, m, n);  // columns 0..n-1 of H = I - 2 v v^T / vv
+  for (int i = 0; i < m; ++i) for (int j = 0; j < n; ++j) Qt(i, j) = (i == j ? 1.0 : 0.0) - 2 * v[i] * v[j] / vv;
+  Mat C = mat(Ar, n, m);  // new eigenbasis in (old eigenbasis, residual), then in (W U, residual)
+  for (int i = 0; i < n; ++i) for (int j = 0; j < m; ++j) C(i, j) = V(j, i + 1);
+  {
+    Mat top = mat(Ar, n, n);
+    for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) top(i, j) = C(i, j);
+    top = mul(Ar, top, RB);
+    for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) C(i, j) = top(i, j);
+  }
+  Mat Rn = mul(Ar, mul(Ar, C, Qt), W);
+  double bt[64] = {}, nu[64] = {}, sn[64], umn[64];
+  double nu_c = 0;
+  if (rotate) {
+    double beta[64], nub[64];
+    for (int i = 0; i < n; ++i) { beta[i] = 2 * v[i] / vv; nub[i] = v[i] - v[n] * kk[i] / r; }
+    nu_c = v[n] / r;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) { bt[i] += Wi(i, j) * beta[j]; nu[i] += W(i, j) * nub[j]; }
+  }
+  double dot_nu_um = nu_c * cm;
+  for (int i = 0; i < n; ++i) dot_nu_um += nu[i] * um[i];
+  for (int i = 0; i < n; ++i) { sn[i] = std::fmax(lam[i + 1], 0.0); umn[i] = um[i] - bt[i] * dot_nu_um; }
+  const double en = beta2 * e + (1 - beta2) * cc;
+  const double gamma = damping + rel * en / (debias * k);
+  double phi[64], y[64] = {}, a[64] = {};
+  for (int i = 0; i < n; ++i) {
+    phi[i] = 1 - powm((gamma + sn[i] / debias) / gamma, power);
+    for (int j = 0; j < n; ++j) y[i] += Rn(i, j) * umn[j];
+  }
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) a[i] += Rn(j, i) * phi[j] * y[j];
+  const double scale = powm(gamma, power) / mdebias;
+  double ab = 0, upd = mm, span = 0;
+  for (int i = 0; i < n; ++i) {
+    ab += a[i] * bt[i];
+    upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
+    span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
+  }
+  out[cv.scale] = scale;
+  out[cv.ab] = ab;
+  out[cv.nu_c] = nu_c;
+  for (int i = 0; i < n; ++i) { out[cv.a + i] = a[i]; out[cv.bt + i] = bt[i]; out[cv.nu + i] = nu[i]; }
+  double* rest = out + rest0;
+  for (int i = 0; i < n; ++i) rest[i] = sn[i];
+  for (int i = 0; i < n * n; ++i) rest[n + i] = Rn.v[i];
+  rest[n + n * n] = en;
+  rest[n + n * n + 1] = rotate ? 1.0 : 0.0;
+  rest[n + n * n + 2] = scale * scale * std::fmax(upd, 0.0);
+  rest[n + n * n + 3] = scale * scale * span;
 }
 
 }  // namespace
 
 extern "C" {
-// dtype codes: 0 = float32, 1 = bfloat16. Returns 0 on success.
-int ginger_supported_rank(int n) {
-  return (n >= 1 && n <= 8) || n == 12 || n == 16;
-}
+// dtype codes: 0 = float32, 1 = bfloat16. blocks: (k, refresh, ustride) per block. Returns 0 on success.
+int ginger_max_rank() { return 64; }
 
-// ptrs per block: U, m, g, c (c may be 0 when the block does not refresh).
-int ginger_pass1(int sdt, int pdt, int nb, const int64_t* meta, int64_t* ptrs, float w1, double* out, int stride,
-                 int nt) {
-  if (sdt == 0 && pdt == 0) run_pass1<float, float>(nb, meta, ptrs, w1, out, stride, nt);
-  else if (sdt == 0 && pdt == 1) run_pass1<float, bf16>(nb, meta, ptrs, w1, out, stride, nt);
-  else if (sdt == 1 && pdt == 0) run_pass1<bf16, float>(nb, meta, ptrs, w1, out, stride, nt);
-  else if (sdt == 1 && pdt == 1) run_pass1<bf16, bf16>(nb, meta, ptrs, w1, out, stride, nt);
+// ptrs per block: U, m, g, c (c may be 0 when the block does not refresh). out: nb rows of sums, zeroed.
+int ginger_pass1(int sdt, int pdt, int n, int nb, const int64_t* blocks, const int64_t* ptrs, float w1, double* out,
+                 const int64_t* stats_layout, int nt) {
+  if (n < 0 || n > 64) return 2;
+  const Block* b = (const Block*)blocks;
+  StatsView sv(stats_layout);
+  if (sdt == 0 && pdt == 0) run_pass1<float, float>(n, nb, b, ptrs, w1, out, sv, nt);
+  else if (sdt == 0 && pdt == 1) run_pass1<float, bf16>(n, nb, b, ptrs, w1, out, sv, nt);
+  else if (sdt == 1 && pdt == 0) run_pass1<bf16, float>(n, nb, b, ptrs, w1, out, sv, nt);
+  else if (sdt == 1 && pdt == 1) run_pass1<bf16, bf16>(n, nb, b, ptrs, w1, out, sv, nt);
   else return 1;
   return 0;
 }
 
-// ptrs per block: U, m, g, p, c.
-int ginger_pass2(int sdt, int pdt, int nb, const int64_t* meta, int64_t* ptrs, float w1, const float* coef,
-                 int cstride, int nt) {
-  if (sdt == 0 && pdt == 0) run_pass2<float, float>(nb, meta, ptrs, w1, coef, cstride, nt);
-  else if (sdt == 0 && pdt == 1) run_pass2<float, bf16>(nb, meta, ptrs, w1, coef, cstride, nt);
-  else if (sdt == 1 && pdt == 0) run_pass2<bf16, float>(nb, meta, ptrs, w1, coef, cstride, nt);
-  else if (sdt == 1 && pdt == 1) run_pass2<bf16, bf16>(nb, meta, ptrs, w1, coef, cstride, nt);
+// ptrs per block: U, m, g, p, c. coef: nb rows of float coefficients. *clipped: coordinates cut by rho.
+int ginger_pass2(int sdt, int pdt, int n, int nb, const int64_t* blocks, const int64_t* ptrs, float w1,
+                 const float* coef, const int64_t* coef_layout, int nt, int64_t* clipped) {
+  if (n < 0 || n > 64) return 2;
+  const Block* b = (const Block*)blocks;
+  CoefView cv(coef_layout);
+  int64_t c = 0;
+  if (sdt == 0 && pdt == 0) c = run_pass2<float, float>(n, nb, b, ptrs, w1, coef, cv, nt);
+  else if (sdt == 0 && pdt == 1) c = run_pass2<float, bf16>(n, nb, b, ptrs, w1, coef, cv, nt);
+  else if (sdt == 1 && pdt == 0) c = run_pass2<bf16, float>(n, nb, b, ptrs, w1, coef, cv, nt);
+  else if (sdt == 1 && pdt == 1) c = run_pass2<bf16, bf16>(n, nb, b, ptrs, w1, coef, cv, nt);
   else return 1;
+  *clipped = c;
+  return 0;
+}
+
+// The refresh solve of nb blocks of rank n: stats (nb x stats width), s (nb x n), R (nb x n x n), e (nb),
+// params (nb x 8), out (nb x out_width): coefficient row then [s, R, e, rotate, update_sq, span_sq].
+int ginger_solve_refresh(int n, int nb, const double* stats, const int64_t* stats_layout, const double* s,
+                         const double* R, const double* e, const double* params, double* out, int64_t out_width,
+                         const int64_t* coef_layout, int nt) {
+  if (n < 1 || n > 64) return 2;
+  StatsView sv(stats_layout);
+  CoefView cv(coef_layout);
+  run_threads(nt, [&](int t) {
+    Arena arena(n);
+    for (int i = t; i < nb; i += nt)
+      solve_block(arena, n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
+                  params + (int64_t)i * NPARAM, out + (int64_t)i * out_width, cv, cv.width);
+  });
   return 0;
 }
 }

@@ -19,20 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .optimizer import Ginger, add_curvature, get_curvature, set_curvature
+from .optimizer import CURVATURE_SCALES, Ginger, unwrap_ginger
+from .pending import add_curvature, get_curvature, set_curvature
 
 __all__ = ["sample_labels", "sampled_label_loss", "add_sampled_label_curvature", "unwrap_ginger"]
-
-
-def unwrap_ginger(optimizer) -> Ginger | None:
-    """The ``Ginger`` inside wrappers such as accelerate's ``AcceleratedOptimizer``, or ``None``."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, Ginger):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
 
 
 @torch.no_grad()
@@ -77,6 +67,7 @@ def add_sampled_label_curvature(
     generator: torch.Generator | None = None,
     retain_graph: bool = True,
     grad_scaler: torch.amp.GradScaler | None = None,
+    scale: str | None = None,
 ) -> bool:
     """Add this micro-batch's sampled-label curvature to ``param.curvature``.
 
@@ -94,6 +85,11 @@ def add_sampled_label_curvature(
         grad_scaler: an fp16 ``GradScaler``: the sampled loss is scaled like the true loss
             (no fp16 underflow) and the vector unscaled, as the scaler unscales ``.grad``.
             Defaults to the wrapper's ``scaler`` (accelerate's ``AcceleratedOptimizer``).
+        scale: ``"mean"``: ``sum_i grad CE(y~_i) / N``, a mini-batch gradient at sampled labels, whose
+            outer product estimates the gradient's covariance (what Adam's second moment tracks);
+            ``"sqrt"``: ``/ sqrt(N)``, the paper's, whose outer product estimates the GGN itself.
+            Defaults to the optimizer's ``curvature_scale`` when ``params`` is a Ginger, else
+            ``"mean"``.
 
     Returns whether a curvature vector was computed.
     """
@@ -109,6 +105,10 @@ def add_sampled_label_curvature(
                 "optimizer step's label count on all ranks, e.g. accelerator.gather(count).sum()"
             )
         params = ginger.curvature_params()
+        scale = scale or ginger.curvature_scale
+    scale = scale or "mean"
+    if scale not in CURVATURE_SCALES:
+        raise ValueError(f"add_sampled_label_curvature: scale must be one of {CURVATURE_SCALES}, got {scale!r}")
     params = [p for p in params if p.requires_grad]
     if not params:
         return False
@@ -116,13 +116,13 @@ def add_sampled_label_curvature(
     n = int(num_items if num_items is not None else count)
     if n <= 0:
         raise ValueError(f"add_sampled_label_curvature: num_items must be >= 1, got {n}")
-    scale = 1.0 / math.sqrt(n)
+    factor = 1.0 / (n if scale == "mean" else math.sqrt(n))
     if grad_scaler is not None and grad_scaler.is_enabled():
         loss = grad_scaler.scale(loss)
-        scale /= grad_scaler.get_scale()  # a power of two: unscaling is exact, as for .grad
+        factor /= grad_scaler.get_scale()  # a power of two: unscaling is exact, as for .grad
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     for p, g in zip(params, grads):
-        contribution = g.mul_(scale) if g is not None else torch.zeros_like(p)  # autograd.grad's own buffer
+        contribution = g.mul_(factor) if g is not None else torch.zeros_like(p)  # autograd.grad's own buffer
         if get_curvature(p) is None:
             set_curvature(p, contribution)
         else:

@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+
+from .comm import SUPPORTED, check_not_sharded, world_size
+from .optimizer import unwrap_ginger
 
 __all__ = [
     "sync_curvature",
@@ -39,41 +41,8 @@ __all__ = [
     "check_not_sharded",
     "check_model_supported",
     "check_accelerate_supported",
-    "all_reduce_curvature",
     "world_size",
 ]
-
-_SUPPORTED = (
-    "Ginger supports one process, or distributed data parallel (DDP: torchrun, accelerate launch "
-    "with distributed_type MULTI_GPU/MULTI_CPU, the Trainer on several processes) where every rank holds "
-    "whole parameters."
-)
-
-
-def _sharded_kind(param: Any) -> str | None:
-    """Name of the sharding scheme ``param`` belongs to, or ``None`` for an ordinary tensor."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        DTensor = ()
-    if isinstance(param, DTensor):
-        return "DTensor (FSDP2 fully_shard / tensor parallel)"
-    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
-        return "FSDP flat parameter"
-    if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
-        return "DeepSpeed ZeRO partitioned parameter"
-    return None
-
-
-def check_not_sharded(params) -> None:
-    """Raise ``TypeError`` if any parameter is a shard of a larger tensor (FSDP, DTensor, DeepSpeed ZeRO)."""
-    for p in params:
-        kind = _sharded_kind(p)
-        if kind is not None:
-            raise TypeError(
-                f"Ginger: got a {kind} of shape {tuple(p.shape)}. Sharded parameters (FSDP, DeepSpeed ZeRO, "
-                f"DTensor) are not supported: each rank would build its curvature model from a slice. {_SUPPORTED}"
-            )
 
 
 def check_model_supported(model: Any) -> None:
@@ -81,7 +50,7 @@ def check_model_supported(model: Any) -> None:
     names = {cls.__name__ for cls in type(model).__mro__}
     wrapper = names & {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine"}
     if wrapper:
-        raise TypeError(f"Ginger: the model is wrapped in {sorted(wrapper)[0]}, which shards parameters. {_SUPPORTED}")
+        raise TypeError(f"Ginger: the model is wrapped in {sorted(wrapper)[0]}, which shards parameters. {SUPPORTED}")
     if isinstance(model, torch.nn.Module):
         check_not_sharded(model.parameters())
 
@@ -105,7 +74,7 @@ def check_accelerate_supported() -> None:
     """
     kind, _ = _accelerate_state()
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise TypeError(f"Ginger: accelerate is configured for {kind}, which shards parameters. {_SUPPORTED}")
+        raise TypeError(f"Ginger: accelerate is configured for {kind}, which shards parameters. {SUPPORTED}")
 
 
 def trainer_curvature_group():
@@ -122,10 +91,6 @@ def trainer_curvature_group():
     return None
 
 
-def world_size(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
-
-
 def sync_curvature(optimizer, model) -> bool:
     """Make the Ginger in ``optimizer`` sum ``mc`` curvature over ``model``'s data-parallel group.
 
@@ -133,8 +98,6 @@ def sync_curvature(optimizer, model) -> bool:
     Returns whether curvature will be synchronised (``model`` is DDP-wrapped). Raises
     ``TypeError`` for FSDP / DeepSpeed models or when ``optimizer`` holds no Ginger.
     """
-    from .curvature import unwrap_ginger
-
     ginger = unwrap_ginger(optimizer)
     if ginger is None:
         raise TypeError(f"sync_curvature: optimizer must be (a wrapper of) ginger_hf.Ginger, got {type(optimizer).__name__}")
@@ -145,19 +108,3 @@ def sync_curvature(optimizer, model) -> bool:
         group = model.process_group
     ginger.curvature_group = group
     return group is not None
-
-
-def all_reduce_curvature(vectors: list[Tensor], group) -> list[Tensor]:
-    """Sum ``vectors`` over ``group`` with one all-reduce of one flat buffer; returns the summed vectors.
-
-    The buffer is float32 (or wider if a vector is wider), so bf16/fp16 vectors are summed
-    without extra rounding. Every rank must pass vectors of the same shapes in the same order.
-    """
-    if not vectors:
-        return []
-    dtype = torch.float32
-    for v in vectors:
-        dtype = torch.promote_types(dtype, v.dtype)
-    flat = torch.cat([v.reshape(-1).to(dtype) for v in vectors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    return [chunk.view_as(v) for chunk, v in zip(flat.split([v.numel() for v in vectors]), vectors)]

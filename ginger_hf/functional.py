@@ -1,163 +1,197 @@
-"""Functional core of Ginger: the math of one step on lists of blocks, no bookkeeping.
+"""The math of one Ginger step, written plainly: the reference that the fast step is tested against.
 
-A block is one flattened parameter tensor of length ``d``. Its state is
+A parameter tensor is split into ``B`` blocks of ``k`` contiguous elements (``block_shape``):
+one block for the whole tensor (the paper), or one per row of a weight matrix. Each block
+keeps a damped low-rank model of its curvature, ``G = gamma*I + U^T diag(s) U`` of rank
+``n = min(tau, k)``, refreshed from a curvature vector ``c`` by ``L <- top_n(beta2 L +
+(1 - beta2) c c^T)``, and the step is ``f(G)`` applied to the bias-corrected momentum, with
+``f(x) = x^-power`` (GINGER.md sections 2 and 6; the levers are described in
+``docs/research.md``).
 
-* ``m``  (d,)          first moment, in the state dtype;
-* ``U``  (tau_e, d)    orthonormal basis, stored as *rows* so each vector is contiguous;
-* ``s``  (tau_e,)      eigenvalues of the low-rank curvature part, float64;
-* ``R``  (tau_e, tau_e) float64: the eigenbasis is ``R U``. The fast path
-  (``ginger_hf.fused``) moves ``U`` by cheap rank-one reflections and keeps the rest of
-  the rotation in ``R``; this reference makes ``R U`` explicit and keeps ``R = I``;
+State of one tensor (``init_state``); ``U[j]`` has the parameter's shape so that the state
+shards like the parameter:
 
-with ``tau_e = min(tau, d)``. The curvature model is ``gamma*I + U^T R^T diag(s) R U``
-(``U`` holds the basis as rows). See GINGER.md sections 1-2 for the method.
-
-The optimizer shell (``ginger_hf.optimizer``) owns validation, state creation and
-skipping of non-finite blocks; everything here assumes well-formed, finite inputs.
+* ``m``  parameter-shaped     first moment, state dtype;
+* ``U``  ``(n, *shape)``     basis rows of every block, state dtype;
+* ``s``  ``(B, n)``           eigenvalues of the low-rank parts, float64;
+* ``R``  ``(B, n, n)``        float64: each block's eigenbasis is ``R U`` (the fast path keeps a
+  rotation here so that it can move ``U`` by cheap reflections; this reference makes ``R U``
+  explicit and leaves ``R = I``);
+* ``e``  ``(B,)``             EMA of ``|c|^2`` per block (the scale of relative damping), float64;
+* ``step``, ``curvature_steps``, ``skipped``, ``curvature_skipped``: counters (ints).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ginger", "update_curvature", "apply_update", "init_block_state", "adamw"]
+__all__ = ["BLOCKS", "Hyper", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw"]
+
+BLOCKS = ("tensor", "row")
 
 # A residual below this multiple of eps * ||c|| is rounding noise: the new direction adds nothing.
 _RESIDUAL_NOISE = 64.0
 
 
-def init_block_state(param: Tensor, tau: int, state_dtype: torch.dtype) -> dict[str, Tensor]:
-    """Fresh state: ``m = 0``, ``s = 0``, ``U`` = the first ``tau_e`` unit vectors, ``R = I``."""
-    d = param.numel()
-    tau_e = min(tau, d)
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters of one tensor's step (a param group's values)."""
+
+    lr: float
+    beta2: float
+    damping: float
+    relative_damping: float = 0.0
+    power: float = 1.0
+    rho: float | None = None
+    weight_decay: float = 0.0
+    bias_correction: bool = False
+    blocks: str = "tensor"
+
+
+def block_shape(shape: torch.Size | tuple[int, ...], blocks: str) -> tuple[int, int]:
+    """``(B, k)``: ``B`` contiguous blocks of ``k`` elements.
+
+    ``"tensor"``: one block (the paper). ``"row"``: one block per slice along dim 0 of a
+    tensor with two or more dims (per output unit of a weight matrix, per token of an
+    embedding); 0-D and 1-D tensors stay one block.
+    """
+    numel = math.prod(shape)
+    if blocks == "row" and len(shape) >= 2 and shape[0] > 0:
+        return shape[0], numel // shape[0]
+    return 1, numel
+
+
+def init_state(param: Tensor, tau: int, blocks: str, state_dtype: torch.dtype) -> dict[str, Any]:
+    """Fresh state: ``m = 0``, ``s = 0``, ``e = 0``, ``R = I``, each block's ``U`` its first ``n`` unit vectors."""
+    B, k = block_shape(param.shape, blocks)
+    n = min(tau, k)
+    dev = param.device
+    U = torch.zeros(n, B, k, dtype=state_dtype, device=dev)
+    j = torch.arange(n, device=dev)
+    U[j, :, j] = 1
     return {
-        "m": torch.zeros(d, dtype=state_dtype, device=param.device),
-        "U": torch.eye(tau_e, d, dtype=state_dtype, device=param.device),
-        "s": torch.zeros(tau_e, dtype=torch.float64, device=param.device),
-        "R": torch.eye(tau_e, dtype=torch.float64, device=param.device),
+        "m": torch.zeros(param.shape, dtype=state_dtype, device=dev),
+        "U": U.view(n, *param.shape),
+        "s": torch.zeros(B, n, dtype=torch.float64, device=dev),
+        "R": torch.eye(n, dtype=torch.float64, device=dev).repeat(B, 1, 1),
+        "e": torch.zeros(B, dtype=torch.float64, device=dev),
+        "step": 0,
+        "curvature_steps": 0,
+        "skipped": 0,
+        "curvature_skipped": 0,
     }
 
 
-def _project_out(U: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``k = U c`` and the residual ``p = c - U^T k``, orthogonalised twice ("twice is enough").
+def _blocks(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """``U`` as ``(B, n, k)`` and ``m`` as ``(B, k)`` views."""
+    B, n = state["s"].shape
+    U = state["U"].reshape(n, B, -1).transpose(0, 1)
+    return U, state["m"].reshape(B, -1)
 
-    The second pass keeps ``p`` orthogonal to ``U`` to rounding even when ``c`` lies
-    almost in the span of ``U``, which is what keeps ``U`` orthonormal over many steps.
-    Returns ``k`` (float64), ``p`` and ``r = ||p||`` (float64; 0 when ``p`` is noise).
+
+def update_curvature(U: Tensor, s: Tensor, c: Tensor, beta2: float) -> Tensor:
+    """``L <- top_n(beta2 L + (1 - beta2) c c^T)`` for every block; returns the new ``U`` ``(B, n, k)``.
+
+    ``U`` ``(B, n, k)`` is the orthonormal eigenbasis of ``s`` ``(B, n)`` (updated in place);
+    ``c`` ``(B, k)``. The residual of ``c`` outside ``span(U)`` is orthogonalised twice
+    ("twice is enough"); the ``(n+1)``-sized problems are solved by one batched ``eigh``.
     """
-    k = U @ c
-    p = torch.addmv(c, U.T, k, alpha=-1)
-    k2 = U @ p
-    p.addmv_(U.T, k2, alpha=-1)
-    k = k.double() + k2.double()
-    r = torch.linalg.vector_norm(p, dtype=torch.float64)
-    noise = _RESIDUAL_NOISE * torch.finfo(U.dtype).eps * torch.linalg.vector_norm(c, dtype=torch.float64)
+    n = U.shape[1]
+    c = c.to(U.dtype)
+    k1 = torch.einsum("bnk,bk->bn", U, c)
+    p = c - torch.einsum("bnk,bn->bk", U, k1)
+    k2 = torch.einsum("bnk,bk->bn", U, p)
+    p = p - torch.einsum("bnk,bn->bk", U, k2)
+    r = torch.linalg.vector_norm(p, dim=1, dtype=torch.float64)
+    noise = _RESIDUAL_NOISE * torch.finfo(U.dtype).eps * torch.linalg.vector_norm(c, dim=1, dtype=torch.float64)
     r = torch.where(r > noise, r, torch.zeros_like(r))
-    return k, p, r
+    z = torch.cat([k1.double() + k2.double(), r[:, None]], 1)
+    K = (1 - beta2) * z[:, :, None] * z[:, None, :]
+    K[:, :n, :n] += torch.diag_embed(beta2 * s)
+    K[:, n, n] -= (r == 0).double()  # no new direction: pin it below the rest so that it is the one dropped
+    lam, V = torch.linalg.eigh(K)  # ascending: column 0 is dropped
+    A = V[:, :n, 1:]
+    b = V[:, n, 1:] * torch.where(r > 0, 1 / r, torch.zeros_like(r))[:, None]
+    s.copy_(lam[:, 1:].clamp_min(0))
+    return torch.einsum("bij,bik->bjk", A.to(U.dtype), U) + b.to(U.dtype)[:, :, None] * p[:, None, :]
 
 
-def update_curvature(Us: list[Tensor], ss: list[Tensor], cs: list[Tensor], beta2s: list[float]) -> None:
-    """``L <- top_tau(beta2 * L + (1 - beta2) c c^T)`` for each block, in place.
+def damping_of(state: dict[str, Any], hyper: Hyper, k: int) -> tuple[Tensor, float]:
+    """Each block's ``gamma = damping + relative_damping * e_hat / k``, and the debias factor of ``s`` and ``e``.
 
-    The ``(tau_e+1)``-sized eigen-solves of all blocks of the same size run as one
-    batched float64 ``eigh``.
+    With ``bias_correction`` the curvature model, a zero-started EMA like Adam's second
+    moment, is divided by ``1 - beta2^q`` (``q`` = refreshes so far).
     """
-    projections = [_project_out(U, c.reshape(-1).to(U.dtype)) for U, c in zip(Us, cs)]
-    by_size: dict[int, list[int]] = defaultdict(list)
-    for i, s in enumerate(ss):
-        by_size[s.numel()].append(i)
-
-    for n, idx in by_size.items():
-        K = torch.zeros(len(idx), n + 1, n + 1, dtype=torch.float64, device=ss[idx[0]].device)
-        for row, i in enumerate(idx):
-            k, _, r = projections[i]
-            z = torch.cat([k, r.reshape(1)])
-            K[row] = (1 - beta2s[i]) * torch.outer(z, z)
-            K[row, :n, :n].diagonal().add_(beta2s[i] * ss[i])
-            # With no new direction, pin its eigenvalue below every other so it is the one dropped.
-            K[row, n, n] -= (r == 0).double()
-        lam, V = torch.linalg.eigh(K)
-        for row, i in enumerate(idx):
-            _, p, r = projections[i]
-            U = Us[i]
-            A = V[row, :n, 1:]  # eigen-solve ascends: drop column 0, the smallest
-            b = V[row, n, 1:] * torch.where(r > 0, 1 / r, torch.zeros_like(r))
-            U.copy_(torch.addr(A.T.to(U.dtype) @ U, b.to(U.dtype), p))
-            ss[i].copy_(lam[row, 1:].clamp_min(0))
+    q = state["curvature_steps"]
+    debias = 1 - hyper.beta2**q if hyper.bias_correction and q > 0 else 1.0
+    return hyper.damping + hyper.relative_damping * state["e"] / (debias * k), debias
 
 
-def apply_update(
-    params: list[Tensor],
-    grads: list[Tensor],
-    ms: list[Tensor],
-    Us: list[Tensor],
-    ss: list[Tensor],
-    steps: list[int],
-    *,
-    lr: float,
-    beta1: float,
-    damping: float,
-    rho: float | None,
-    weight_decay: float,
-) -> None:
-    """Momentum, Woodbury direction ``G^{-1} m_hat``, optional clip, decoupled weight decay."""
-    for param, grad, m, U, s, step in zip(params, grads, ms, Us, ss, steps):
-        m.lerp_(grad.reshape(-1).to(m.dtype), 1 - beta1)
-        # G^{-1} v = (v - U^T diag(s / (gamma + s)) U v) / gamma, with v = m / (1 - beta1^t)
-        shrink = (s / (damping + s)).to(m.dtype)
-        u = torch.addmv(m, U.T, shrink * (U @ m), alpha=-1)
-        u.div_(damping * (1 - beta1**step))
-        if rho is not None:
-            u.clamp_(-rho, rho)
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.add_(u.view_as(param).to(param.dtype), alpha=-lr)
+def precondition(U: Tensor, s: Tensor, gamma: Tensor, v: Tensor, power: float) -> Tensor:
+    """``f(G) v`` per block, ``G = gamma I + U^T diag(s) U``, ``f(x) = x^-power``, ``U`` orthonormal rows.
+
+    ``f(G) v = f(gamma) v + U^T diag(f(gamma + s) - f(gamma)) U v`` (GINGER.md section 6).
+    """
+    f0 = gamma.pow(-power)
+    coef = (gamma[:, None] + s).pow(-power) - f0[:, None]
+    proj = torch.einsum("bnk,bk->bn", U, v).double()
+    return f0.to(v.dtype)[:, None] * v + torch.einsum("bnk,bn->bk", U, (coef * proj).to(v.dtype))
+
+
+def _all_finite(t: Tensor | None) -> bool:
+    return t is None or bool(torch.isfinite(t).all())
 
 
 def ginger(
     params: list[Tensor],
     grads: list[Tensor],
     curvatures: list[Tensor | None],
-    ms: list[Tensor],
-    Us: list[Tensor],
-    ss: list[Tensor],
-    Rs: list[Tensor],
-    steps: list[int],
+    states: list[dict[str, Any]],
+    hypers: list[Hyper],
     *,
-    lr: float,
     beta1: float,
-    beta2: float,
-    damping: float,
-    rho: float | None,
-    weight_decay: float,
 ) -> None:
-    """One Ginger step for a list of blocks sharing hyper-parameters.
+    """One Ginger step for a list of tensors, in place (parameters and states, counters included).
 
-    ``curvatures[i]`` is the block's curvature vector on a refresh step and ``None``
-    otherwise; ``steps[i]`` is the block's step count *after* this step (for bias
-    correction). Parameters and state are updated in place. A block whose ``R`` is not the
-    identity (state the fast path wrote) first gets its eigenbasis ``R U`` made explicit.
+    ``curvatures[i]`` is the tensor's curvature vector on a refresh step, else ``None``. A
+    tensor whose gradient is not finite is skipped untouched (``skipped`` counts it); one
+    whose curvature vector alone is not finite takes its step without the refresh
+    (``curvature_skipped`` counts it). A state whose ``R`` is not the identity (written by
+    the fast path) first gets its eigenbasis ``R U`` made explicit.
     """
-    eye = [torch.eye(R.shape[0], dtype=R.dtype, device=R.device) for R in Rs]
-    for U, R, I in zip(Us, Rs, eye):
-        if not torch.equal(R, I):
-            U.copy_(R.to(U.dtype) @ U)
-            R.copy_(I)
-    refresh = [i for i, c in enumerate(curvatures) if c is not None]
-    if refresh:
-        update_curvature(
-            [Us[i] for i in refresh],
-            [ss[i] for i in refresh],
-            [curvatures[i] for i in refresh],
-            [beta2] * len(refresh),
-        )
-    apply_update(
-        params, grads, ms, Us, ss, steps,
-        lr=lr, beta1=beta1, damping=damping, rho=rho, weight_decay=weight_decay,
-    )
+    for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
+        if not _all_finite(grad):
+            state["skipped"] += 1
+            continue
+        if not _all_finite(c):
+            state["curvature_skipped"] += 1
+            c = None
+        U, m = _blocks(state)
+        B, n, k = U.shape
+        R = state["R"]
+        if not torch.equal(R, torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)):
+            U.copy_(torch.einsum("bij,bjk->bik", R.to(U.dtype), U))
+            R.copy_(torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R))
+        state["step"] += 1
+        if c is not None:
+            c = c.reshape(B, k)
+            U.copy_(update_curvature(U, state["s"], c, hp.beta2))
+            state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).square(),
+                                           alpha=1 - hp.beta2)
+            state["curvature_steps"] += 1
+        m.lerp_(grad.reshape(B, k).to(m.dtype), 1 - beta1)
+        gamma, debias = damping_of(state, hp, k)
+        u = precondition(U, state["s"] / debias, gamma, m / (1 - beta1 ** state["step"]), hp.power)
+        if hp.rho is not None:
+            u = u.clamp(-hp.rho, hp.rho)
+        if hp.weight_decay != 0:
+            param.mul_(1 - hp.lr * hp.weight_decay)
+        param.add_(u.view(param.shape).to(param.dtype), alpha=-hp.lr)
 
 
 def adamw(

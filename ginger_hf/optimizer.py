@@ -1,14 +1,9 @@
 """The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.fused``.
 
-The shell validates hyper-parameters, creates state lazily and decides which blocks
-refresh their curvature model this step. The math lives in ``fused.py`` (the fast
-two-pass step, which also skips blocks whose inputs are not finite), checked against
-the reference ``functional.py``.
-
-Curvature vectors are handed over on the parameter itself, like ``.grad``: before
-``step()``, ``param.curvature`` holds the block's curvature vector (same shape as the
-parameter). ``step()`` consumes it and resets it to ``None``. ``ginger_hf.curvature``
-computes it for softmax cross-entropy models.
+The shell resolves and validates hyper-parameters, creates state lazily, decides which
+tensors refresh their curvature model this step and sums ``mc`` curvature over
+data-parallel ranks. The math lives in ``fused.py`` (the fast two-pass step), checked
+against the reference ``functional.py``.
 """
 
 from __future__ import annotations
@@ -25,36 +20,34 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused
-from .distributed import all_reduce_curvature, check_not_sharded, world_size
+from .comm import all_reduce_curvature, check_not_sharded, world_size
+from .pending import clear_curvature, get_curvature
 
-__all__ = ["Ginger", "CURVATURE_MODES", "get_curvature", "set_curvature", "add_curvature", "clear_curvature"]
+__all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "unwrap_ginger", "state_bytes"]
 
 CURVATURE_MODES = ("mc", "empirical")
+CURVATURE_SCALES = ("mean", "sqrt")
 ALGORITHMS = ("ginger", "adamw")
-_CURVATURE_ATTR = "curvature"
+
+# What Ginger(params, lr) computes unless told otherwise, and the paper's configuration
+# (GINGER.md section 5), one argument away. Why each value: docs/research.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": dict(betas=(0.9, 0.99), tau=4, blocks="row", power=0.5, damping=1e-12, relative_damping=0.1,
+                        rho=None, bias_correction=True, curvature="mc", curvature_interval=1, curvature_scale="mean"),
+    "paper": dict(betas=(0.9, 0.99), tau=4, blocks="tensor", power=1.0, damping=1e-5, relative_damping=0.0,
+                  rho=1.0, bias_correction=False, curvature="mc", curvature_interval=1, curvature_scale="sqrt"),
+}
+DEFAULT_LR = 1e-3
 
 
-def get_curvature(param: Tensor) -> Tensor | None:
-    """The curvature vector waiting on ``param`` for the next ``step()``, or ``None``."""
-    return getattr(param, _CURVATURE_ATTR, None)
+class _Preset:
+    """Marks an argument left to the preset."""
+
+    def __repr__(self) -> str:
+        return "<preset>"
 
 
-def set_curvature(param: Tensor, value: Tensor | None) -> None:
-    setattr(param, _CURVATURE_ATTR, value)
-
-
-def add_curvature(param: Tensor, value: Tensor) -> None:
-    """Accumulate a curvature contribution (micro-batches add up, like ``.grad``)."""
-    current = get_curvature(param)
-    if current is None:
-        set_curvature(param, value.detach().clone())
-    else:
-        current.add_(value)
-
-
-def clear_curvature(param: Tensor) -> None:
-    if get_curvature(param) is not None:
-        set_curvature(param, None)
+PRESET = _Preset()
 
 
 def _is_real_number(value: Any) -> bool:
@@ -65,9 +58,9 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and its allowed values."""
     tau = group["tau"]
     if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
-    if tau < 1:
-        raise ValueError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
+        raise TypeError(f"Ginger: tau must be an integer >= 0, got {tau!r}")
+    if tau < 0:
+        raise ValueError(f"Ginger: tau must be an integer >= 0 (0: no low-rank term), got {tau!r}")
     lr = group["lr"]
     if isinstance(lr, Tensor):
         raise TypeError("Ginger: lr must be a float >= 0, got a Tensor")
@@ -82,6 +75,16 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     damping = group["damping"]
     if not _is_real_number(damping) or damping <= 0:
         raise ValueError(f"Ginger: damping must be a finite float > 0, got {damping!r}")
+    rel = group["relative_damping"]
+    if not _is_real_number(rel) or rel < 0:
+        raise ValueError(f"Ginger: relative_damping must be a finite float >= 0, got {rel!r}")
+    power = group["power"]
+    if not _is_real_number(power) or not 0 < power <= 1:
+        raise ValueError(f"Ginger: power must be in (0, 1] (1: G^-1 as in the paper, 0.5: G^-1/2), got {power!r}")
+    if group["blocks"] not in F.BLOCKS:
+        raise ValueError(f"Ginger: blocks must be one of {F.BLOCKS}, got {group['blocks']!r}")
+    if not isinstance(group["bias_correction"], bool):
+        raise TypeError(f"Ginger: bias_correction must be True or False, got {group['bias_correction']!r}")
     rho = group["rho"]
     if rho is not None and (not _is_real_number(rho) or rho <= 0):
         raise ValueError(f"Ginger: rho must be a float > 0, or None to disable clipping, got {rho!r}")
@@ -125,29 +128,60 @@ def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch
     return param.dtype
 
 
-def state_bytes(numel: int, tau: int, state_dtype: torch.dtype) -> int:
-    """Bytes of a block's state tensors: ``(tau_e + 1) * numel`` state-dtype numbers (m, U), float64 s and R."""
-    tau_e = min(tau, numel)
+def state_bytes(shape: tuple[int, ...], tau: int, blocks: str, state_dtype: torch.dtype) -> int:
+    """Bytes of one tensor's state: ``(n + 1) * numel`` state-dtype numbers (m, U), float64 s, R and e per block."""
+    B, k = F.block_shape(tuple(shape), blocks)
+    n = min(tau, k)
     itemsize = torch.empty((), dtype=state_dtype).element_size()
-    return (tau_e + 1) * numel * itemsize + (tau_e + tau_e**2) * 8
+    return (n + 1) * B * k * itemsize + B * (n + n * n + 1) * 8
+
+
+def unwrap_ginger(optimizer) -> Ginger | None:
+    """The ``Ginger`` inside wrappers such as accelerate's ``AcceleratedOptimizer``, or ``None``."""
+    for _ in range(8):
+        if optimizer is None or isinstance(optimizer, Ginger):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 class Ginger(Optimizer):
-    """Ginger: Adam-style momentum preconditioned by a damped low-rank GGN model per tensor.
+    """Ginger: momentum preconditioned by a damped low-rank model of the curvature, per block.
+
+    Each block (a row of a weight matrix, or a whole tensor) keeps ``G = gamma I + U^T diag(s) U``
+    of rank ``tau``, refreshed from curvature vectors, and the step is ``lr * G^-power m_hat``
+    (Woodbury-style closed form: linear time and memory). The defaults are the recommended
+    configuration (``PRESETS["recommended"]``); ``preset="paper"`` gives the paper's. Any
+    argument left out comes from the preset; all of them can be set per param group.
 
     Args:
-        params: parameters or param groups; every keyword below can be set per group.
-        lr: learning rate.
+        params: parameters or param groups.
+        lr: learning rate (the one value to tune).
         betas: ``(beta1, beta2)``: EMA rates of the momentum and of the curvature model.
-        tau: rank of the low-rank curvature model of each tensor.
-        damping: ``gamma`` in ``G = gamma*I + U diag(s) U^T``.
+        tau: rank of each block's curvature model (0: none, only the damping term).
+        blocks: ``"row"`` (one block per row of a tensor with 2+ dims) or ``"tensor"`` (the paper).
+        power: the step is ``G^-power m_hat``: 1 as in the paper, 0.5 the root (Adam, Shampoo, GGT).
+        damping: absolute part of ``gamma``.
+        relative_damping: ``lambda``: ``gamma = damping + lambda * e_hat / k``, with ``e_hat`` the
+            (bias-corrected) EMA of the block's squared curvature norm and ``k`` its length: a
+            damping on the scale of the mean curvature per coordinate.
         rho: elementwise clip of the preconditioned direction; ``None`` disables it.
+        bias_correction: divide the curvature model (and ``e``) by ``1 - beta2^q`` like Adam's
+            second moment (``q`` = refreshes so far).
         weight_decay: decoupled weight decay.
         curvature: ``"mc"`` (the caller supplies ``param.curvature``, e.g. with
             ``ginger_hf.add_sampled_label_curvature``) or ``"empirical"`` (the gradient).
         curvature_interval: refresh the curvature model on steps 1, 1+k, 1+2k, ...
+        curvature_scale: how ``ginger_hf.add_sampled_label_curvature`` (and the Trainer hook)
+            normalise sampled-label vectors for this optimizer: ``"mean"`` (``/ N``: a mini-batch
+            gradient at sampled labels, the scale of the gradient itself and of
+            ``curvature="empirical"``, so learning rates sit where Adam's do) or ``"sqrt"``
+            (``/ sqrt(N)``: the paper's; ``c c^T`` then estimates the GGN).
         state_dtype: dtype of ``m`` and ``U``; default float32 for half-precision
             parameters, else the parameter dtype.
+        preset: ``"recommended"`` (default) or ``"paper"``: where omitted arguments come from.
+        backend: ``None`` (the fastest available), ``"kernel"``, ``"compile"`` or ``"torch"``
+            (see ``ginger_hf.fused``).
 
     Per-group options (for mixed models, e.g. LoRA):
         algorithm: ``"ginger"`` (default) or ``"adamw"``: a first-order AdamW update
@@ -160,33 +194,53 @@ class Ginger(Optimizer):
     Distributed data parallel: ``curvature_group`` (default ``None``: no communication)
     is the process group over which ``mc`` curvature vectors are summed on refresh
     steps; set it with ``ginger_hf.sync_curvature(optimizer, ddp_model)``.
-    Sharded parameters (FSDP, DTensor, DeepSpeed ZeRO) are refused with a ``TypeError``.
     """
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 2e-4,
-        betas: tuple[float, float] = (0.9, 0.99),
-        tau: int = 4,
-        damping: float = 1e-5,
-        rho: float | None = 1.0,
+        lr: float = DEFAULT_LR,
+        betas: tuple[float, float] = PRESET,
+        tau: int = PRESET,
+        blocks: str = PRESET,
+        power: float = PRESET,
+        damping: float = PRESET,
+        relative_damping: float = PRESET,
+        rho: float | None = PRESET,
+        bias_correction: bool = PRESET,
         weight_decay: float = 0.0,
-        curvature: str = "mc",
-        curvature_interval: int = 1,
+        curvature: str = PRESET,
+        curvature_interval: int = PRESET,
         state_dtype: torch.dtype | None = None,
         *,
+        curvature_scale: str = PRESET,
+        preset: str = "recommended",
+        backend: str | None = None,
         algorithm: str = "ginger",
         eps: float = 1e-8,
         joint: bool = False,
     ):
-        defaults = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, tau=tau, damping=damping, rho=rho,
-            weight_decay=weight_decay, curvature=curvature, curvature_interval=curvature_interval,
-            state_dtype=state_dtype, algorithm=algorithm, eps=eps, joint=joint,
-        )
+        if preset not in PRESETS:
+            raise ValueError(f"Ginger: preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        if backend not in fused.BACKENDS:
+            raise ValueError(f"Ginger: backend must be one of {fused.BACKENDS}, got {backend!r}")
+        given = dict(betas=betas, tau=tau, blocks=blocks, power=power, damping=damping,
+                     relative_damping=relative_damping, rho=rho, bias_correction=bias_correction,
+                     curvature=curvature, curvature_interval=curvature_interval)
+        defaults = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not PRESET}}
+        scale = defaults.pop("curvature_scale") if curvature_scale is PRESET else curvature_scale
+        defaults.pop("curvature_scale", None)
+        if scale not in CURVATURE_SCALES:
+            raise ValueError(f"Ginger: curvature_scale must be one of {CURVATURE_SCALES}, got {scale!r}")
+        if isinstance(defaults["betas"], list):
+            defaults["betas"] = tuple(defaults["betas"])
+        defaults.update(lr=lr, weight_decay=weight_decay, state_dtype=state_dtype, algorithm=algorithm, eps=eps,
+                        joint=joint)
         validate_hyperparameters({**defaults, "params": []})
+        self.backend = backend
+        self.curvature_scale = scale
         self.curvature_group = None
+        self.step_stats: dict[str, float] | None = None  # a dict collects ginger_hf.stats sums
         self._warned_unsynced = False
         super().__init__(params, defaults)
 
@@ -208,23 +262,18 @@ class Ginger(Optimizer):
         return group["params"][0] if group["joint"] else param
 
     def _refreshes(self, param: Tensor, group: dict[str, Any]) -> bool:
-        """Whether the block's next step (its step count + 1) refreshes the curvature model."""
+        """Whether the tensor's next step (its step count + 1) refreshes the curvature model."""
         if group["algorithm"] != "ginger":
             return False
-        key = self._key(param, group)
-        step = self.state[key]["step"] if key in self.state else 0
-        return step % group["curvature_interval"] == 0
+        state = self.state.get(self._key(param, group))
+        return (state["step"] if state else 0) % group["curvature_interval"] == 0
 
     def needs_curvature(self) -> bool:
-        """True if the next ``step()`` will consume ``param.curvature`` for some ``mc`` block.
+        """True if the next ``step()`` will consume ``param.curvature`` for some ``mc`` tensor.
 
         Training loops call this to skip the extra backward pass on steps between refreshes.
         """
-        return any(
-            group["curvature"] == "mc" and p.requires_grad and self._refreshes(p, group)
-            for group in self.param_groups
-            for p in group["params"]
-        )
+        return bool(self.curvature_params())
 
     def curvature_params(self) -> list[Tensor]:
         """Parameters whose ``curvature`` the next ``step()`` will read."""
@@ -254,7 +303,7 @@ class Ginger(Optimizer):
     # -- the step -----------------------------------------------------------------------
 
     def _curvature_of(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
-        """The curvature vector a refreshing block reads; raises if an ``mc`` block has none."""
+        """The curvature vector a refreshing tensor reads; raises if an ``mc`` tensor has none."""
         if group["curvature"] == "empirical":
             return p.grad
         curv = get_curvature(p)
@@ -262,7 +311,7 @@ class Ginger(Optimizer):
             raise RuntimeError(
                 "Ginger(curvature='mc') needs a curvature vector on this refresh step, but parameter "
                 f"of shape {tuple(p.shape)} has none. Before optimizer.step(), compute it with "
-                "ginger_hf.add_sampled_label_curvature(logits, labels, params) (or set "
+                "ginger_hf.add_sampled_label_curvature(logits, labels, optimizer) (or set "
                 "`param.curvature` yourself), or construct Ginger with curvature='empirical'."
             )
         if curv.shape != p.shape:
@@ -270,7 +319,7 @@ class Ginger(Optimizer):
         return curv
 
     def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]]]]:
-        """Blocks that take a step as ``(state key, params, grad, curvature)``; raises before any change.
+        """Tensors that take a step as ``(state key, params, grad, curvature)``; raises before any change.
 
         A joint group is one block whose gradient and curvature are the flattened
         concatenations over its params (zeros for a param without gradient).
@@ -285,7 +334,7 @@ class Ginger(Optimizer):
                     check_not_sharded((p,))  # accelerate's FSDP swaps param_groups after construction
                 if p.grad.shape != p.shape:
                     raise ValueError(f"Ginger: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
-            blocks = []
+            entries = []
             if group["joint"] and with_grad:
                 params = group["params"]
                 grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
@@ -295,17 +344,18 @@ class Ginger(Optimizer):
                         curv = grad
                     else:
                         curv = torch.cat([self._curvature_of(p, group).reshape(-1) for p in params])
-                blocks.append((params[0], params, grad, curv))
+                entries.append((params[0], params, grad, curv))
             elif not group["joint"]:
                 for p in with_grad:
                     curv = self._curvature_of(p, group) if self._refreshes(p, group) else None
-                    blocks.append((p, [p], p.grad, curv))
-            plan.append((group, blocks))
+                    entries.append((p, [p], p.grad, curv))
+            plan.append((group, entries))
         return plan
 
     def _sync_curvature(self, plan) -> None:
         """Sum the step's ``mc`` curvature vectors over ``curvature_group``: one all-reduce, none if there are none."""
-        slots = [(blocks, i) for _, blocks in plan for i, (_, _, g, c) in enumerate(blocks) if c is not None and c is not g]
+        slots = [(entries, i) for _, entries in plan for i, (_, _, g, c) in enumerate(entries)
+                 if c is not None and c is not g]
         if not slots:
             return
         if self.curvature_group is None:
@@ -320,9 +370,23 @@ class Ginger(Optimizer):
             return
         if world_size(self.curvature_group) == 1:
             return
-        summed = all_reduce_curvature([blocks[i][3] for blocks, i in slots], self.curvature_group)
-        for (blocks, i), c in zip(slots, summed):
-            blocks[i] = (*blocks[i][:3], c)
+        summed = all_reduce_curvature([entries[i][3] for entries, i in slots], self.curvature_group)
+        for (entries, i), c in zip(slots, summed):
+            entries[i] = (*entries[i][:3], c)
+
+    def _state_for(self, key: Tensor, group: dict[str, Any], target: Tensor) -> dict[str, Any]:
+        """The tensor's state, created on first use (and completed for checkpoints of older versions)."""
+        state = self.state[key]
+        dtype = default_state_dtype(key, group["state_dtype"])
+        if group["algorithm"] == "adamw":
+            if not state:
+                state.update(exp_avg=torch.zeros_like(key, dtype=dtype), exp_avg_sq=torch.zeros_like(key, dtype=dtype),
+                             step=0, skipped=0)
+            return state
+        if not state:
+            blocks = "tensor" if group["joint"] else group["blocks"]
+            state.update(F.init_state(target, group["tau"], blocks, dtype))
+        return state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -333,73 +397,53 @@ class Ginger(Optimizer):
 
         plan = self._collect()
         self._sync_curvature(plan)
+        if self.step_stats is not None:
+            squares = [torch.linalg.vector_norm(c, dtype=torch.float64).square() for _, entries in plan
+                       for _, _, _, c in entries if c is not None]
+            if squares:
+                self.step_stats["curvature_sq"] = float(sum(x.to("cpu") for x in squares))
 
-        # AdamW groups check their gradients here (one host synchronisation for all of them);
-        # Ginger blocks are checked inside the fused step's first pass, which writes nothing.
-        checks = [fused.all_finite(g) for group, blocks in plan if group["algorithm"] == "adamw" for _, _, g, _ in blocks]
-        adamw_finite = iter(torch.stack(checks).tolist() if checks else [])
-
-        # Ginger blocks of all groups that share beta1 go through one fused call (one batched
-        # solve, one kernel call per pass); lr, beta2, damping, rho and weight decay go per block.
-        ginger_calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        done = []  # (state, applied, flat target, joint params or None)
-        for group, blocks in plan:
+        # Ginger tensors of all groups that share beta1 go through one fused call (one batched
+        # solve per rank, one kernel call per pass); every other hyper-parameter goes per tensor.
+        calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        joints = []
+        for group, entries in plan:
             beta1, beta2 = group["betas"]
-            adamw = group["algorithm"] == "adamw"
-            states, targets, grads, curvs, joints = [], [], [], [], []
-            for key, params, g, c in blocks:
-                state = self.state[key]
-                if not state:
-                    dtype = default_state_dtype(key, group["state_dtype"])
-                    if adamw:
-                        state.update(exp_avg=torch.zeros_like(key, dtype=dtype), exp_avg_sq=torch.zeros_like(key, dtype=dtype))
-                    else:
-                        state.update(F.init_block_state(g, group["tau"], dtype))
-                    state["step"] = 0
-                    state["skipped"] = 0
-                elif not adamw and "R" not in state:  # a checkpoint from before R existed: U was the eigenbasis
-                    state["R"] = torch.eye(state["U"].shape[0], dtype=torch.float64, device=state["U"].device)
-                if adamw and not next(adamw_finite):
-                    state["skipped"] += 1
+            for key, params, g, c in entries:
+                target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
+                state = self._state_for(key, group, target)
+                if group["algorithm"] == "adamw":
+                    self._adamw_step(key, g, state, group)
                     continue
-                states.append(state)
-                targets.append(torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key)
-                grads.append(g)
-                curvs.append(c)
-                joints.append(params if group["joint"] else None)
-            if not targets:
-                continue
-            if adamw:
-                F.adamw(
-                    targets, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                    [st["step"] + 1 for st in states],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                )
-                done += zip(states, [True] * len(states), targets, joints)
-                continue
-            call = ginger_calls[beta1]
-            for name, values in (("states", states), ("targets", targets), ("grads", grads), ("curvs", curvs),
-                                 ("joints", joints)):
-                call[name] += values
-            for name in ("lr", "damping", "rho", "weight_decay"):
-                call[name] += [group[name]] * len(states)
-            call["beta2"] += [beta2] * len(states)
-        for beta1, call in ginger_calls.items():
-            states = call["states"]
-            applied = fused.ginger(  # the two-pass fast step; F.ginger is its test oracle
-                call["targets"], call["grads"], call["curvs"], [st["m"] for st in states], [st["U"] for st in states],
-                [st["s"] for st in states], [st["R"] for st in states], [st["step"] + 1 for st in states],
-                lr=call["lr"], beta1=beta1, beta2=call["beta2"], damping=call["damping"], rho=call["rho"],
-                weight_decay=call["weight_decay"],
-            )
-            done += zip(states, applied, call["targets"], call["joints"])
-        for state, ok, flat, params in done:
-            state["step" if ok else "skipped"] += 1
-            if ok and params is not None:
-                for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                    p.copy_(piece.view_as(p))
+                call = calls[beta1]
+                call["params"].append(target)
+                call["grads"].append(g)
+                call["curvatures"].append(c)
+                call["states"].append(state)
+                call["hypers"].append(F.Hyper(
+                    lr=group["lr"], beta2=beta2, damping=group["damping"], relative_damping=group["relative_damping"],
+                    power=group["power"], rho=group["rho"], weight_decay=group["weight_decay"],
+                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]))
+                if group["joint"]:
+                    joints.append((target, params))
+        for beta1, call in calls.items():
+            fused.ginger(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
+                         beta1=beta1, backend=self.backend, stats=self.step_stats)
+        for flat, params in joints:
+            for p, piece in zip(params, flat.split([p.numel() for p in params])):
+                p.copy_(piece.view_as(p))
         self.zero_curvature()
         return loss
+
+    @staticmethod
+    def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        if not bool(torch.isfinite(grad).all()):
+            state["skipped"] += 1
+            return
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], lr=group["lr"],
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     # -- checkpointing ------------------------------------------------------------------
 

@@ -23,6 +23,12 @@ from .summarization import decode_predictions, compute_rouge, preprocess
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEBSUM_DIR = DATA_DIR / "debsum"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
+PRETRAINED_DIR = DATA_DIR / "pretrained_t5"  # made by scripts/pretrain_t5.py (span corruption, bfloat16)
+
+# The three tasks of scripts/compare.py: a fresh model, or the pre-trained one fine-tuned fully or with LoRA
+# (rank 8, alpha 32 on the attention projections, layer norms trained: the paper's LoRA recipe).
+TASKS = ("scratch", "finetune", "lora")
+LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q", "k", "v", "o"], modules_to_save=["layer_norm"])
 
 # 2+2 layers, d_model 128: ~1.4M parameters. Much smaller than FINDINGS' 8.4M proxy so that
 # two optimizers (Ginger's step costs two backward passes) fit 15 minutes on 2 shared CPU cores.
@@ -45,6 +51,7 @@ DEFAULT_LR = {"ginger": 1e-3, "adamw": 3e-3, "adafactor": 3e-3}
 # (0.9, 0.99) for Ginger and AdamW; Adafactor (transformers' T5 setting: no relative step) ignores them.
 OPTIMIZERS = {
     "ginger": dict(optim="ginger", optim_args="tau=4,damping=1e-5,rho=1", adam_beta1=0.9, adam_beta2=0.99),
+    "ginger_paper": dict(optim="ginger", optim_args="tau=4,damping=1e-5,rho=1", adam_beta1=0.9, adam_beta2=0.99),
     "adamw": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0),
     "adafactor": dict(optim="adafactor"),
 }
@@ -98,6 +105,29 @@ def build_model(tokenizer, seed: int = 0, **overrides) -> T5ForConditionalGenera
     return sane_init_(T5ForConditionalGeneration(config))
 
 
+def load_pretrained(path: str | Path = PRETRAINED_DIR) -> T5ForConditionalGeneration:
+    """The span-corruption pre-trained proxy T5 (``scripts/pretrain_t5.py``), in float32."""
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"no pre-trained T5 at {path}: run `python scripts/pretrain_t5.py --output-dir {path}`")
+    return T5ForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
+
+
+def build_task_model(task: str, tokenizer, seed: int = 0, model_overrides: dict | None = None,
+                     pretrained: str | Path = PRETRAINED_DIR):
+    """The model a task trains: fresh (``scratch``), pre-trained (``finetune``) or pre-trained + LoRA (``lora``)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "scratch":
+        return build_model(tokenizer, seed=seed, **(model_overrides or {}))
+    model = load_pretrained(pretrained)
+    if task == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, **LORA))
+    return model
+
+
 def tokenize_splits(raw, tokenizer, sizes: dict[str, int]):
     """First ``sizes[split]`` rows of each split, tokenized for the Trainer."""
     out = {}
@@ -142,14 +172,20 @@ def optimizer_state_mb(optimizer) -> float:
     return total / 1e6
 
 
-def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer,
+def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer, task: str = "scratch",
         batch_size: int = DEFAULT_BATCH_SIZE, eval_steps: int | None = None, rouge_size: int = DEFAULT_ROUGE_SIZE,
         seed: int = 0, warmup_ratio: float = 0.05, model_overrides: dict | None = None,
-        disable_tqdm: bool = False) -> dict:
-    """Train a fresh proxy T5 with one optimizer; return its report row (see scripts/compare.py)."""
+        disable_tqdm: bool = False, optim_args: str | None = None, pretrained: str | Path = PRETRAINED_DIR) -> dict:
+    """Train the task's model with one optimizer; return its report row (see scripts/compare.py).
+
+    ``optim_args`` replaces the optimizer's ``optim_args`` (Ginger variants in sweeps).
+    """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
-    model = build_model(tokenizer, seed=seed, **(model_overrides or {}))
+    model = build_task_model(task, tokenizer, seed=seed, model_overrides=model_overrides, pretrained=pretrained)
+    optimizer_args = dict(OPTIMIZERS[optimizer])
+    if optim_args is not None:
+        optimizer_args["optim_args"] = optim_args
     eval_steps = eval_steps or max(1, max_steps // 5)
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
@@ -158,7 +194,7 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
         train_sampling_strategy="group_by_length", eval_strategy="steps", eval_steps=eval_steps, eval_on_start=True,
         logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none", use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=disable_tqdm, generation_max_length=MAX_TARGET_LENGTH,
-        generation_num_beams=1, **OPTIMIZERS[optimizer],
+        generation_num_beams=1, **optimizer_args,
     )
     clock = EvalClock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
@@ -178,12 +214,15 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
         preds, refs = decode_predictions(tokenizer, pred.predictions, pred.label_ids)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return {
-        "optimizer": optimizer, "optim": args.optim if isinstance(args.optim, str) else args.optim.value, "lr": lr,
+        "optimizer": optimizer, "task": task, "optim_args": args.optim_args, "optim": args.optim if isinstance(args.optim, str) else args.optim.value, "lr": lr,
         "max_steps": max_steps, "batch_size": batch_size, "eval_loss": clock.points[-1]["eval_loss"],
         **compute_rouge(preds, refs), "rouge_examples": len(subset),
         "sec_per_step": train_seconds / max_steps, "train_seconds": train_seconds,
         "optimizer_state_mb": optimizer_state_mb(trainer.optimizer),
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "eval_curve": clock.points, "train_loss_curve": losses,
+        "ginger_stats": [{k: v for k, v in h.items() if k == "step" or k.startswith("ginger/")}
+                         for h in trainer.state.log_history if any(k.startswith("ginger/") for k in h)],
         "samples": [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs))[:3]],
     }

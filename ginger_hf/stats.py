@@ -1,14 +1,23 @@
 """Ginger diagnostics for the Trainer logs (``optim_args log_stats=true``).
 
-``GingerStatsCallback`` sits in transformers' default callbacks (``ginger_hf.register``
-puts it there, ahead of the TensorBoard / W&B reporters) and, at every training log
-(``logging_steps``), adds ``ginger/*`` entries from the optimizer to the logs:
+With ``optimizer.step_stats`` set to a dict, every step adds its sums there (``fused.ginger``
+and ``Ginger.step``); at every training log (``logging_steps``) ``GingerStatsCallback`` turns
+the sums since the previous log into these entries and starts over:
 
-* ``ginger/s_mean``, ``ginger/s_max``: mean and max eigenvalue of the low-rank curvature models;
-* ``ginger/curvature_norm``: norm of the curvature vector (all blocks) at the last refresh;
-* ``ginger/skipped_blocks``: block steps skipped so far for non-finite inputs.
+* ``ginger/update_to_grad``: ``|u| / |g|``, the preconditioned direction's norm relative to
+  the gradient's (before any clip; all Ginger tensors);
+* ``ginger/span_share``: ``|P u| / |u|`` with ``P`` the projection onto the blocks'
+  ``span(U)``: how much of the step the low-rank curvature model steers;
+* ``ginger/clipped_fraction``: share of coordinates the ``rho`` clip cut (0 without ``rho``);
+* ``ginger/s_mean``, ``ginger/s_max``: eigenvalues of the low-rank curvature models;
+* ``ginger/curvature_norm``: norm of the curvature vectors (all tensors) at the last refresh,
+  after the data-parallel sum;
+* ``ginger/skipped_blocks``, ``ginger/skipped_curvature``: tensor steps skipped for a
+  non-finite gradient, and curvature refreshes skipped for a non-finite curvature vector.
 
-It does nothing unless the Trainer's optimizer is a Ginger with ``log_stats`` set.
+It does nothing unless the Trainer's optimizer is a Ginger with ``log_stats`` set. The
+registration puts it in transformers' default callbacks, ahead of the TensorBoard / W&B
+reporters, so the entries go wherever the loss goes.
 """
 
 from __future__ import annotations
@@ -16,41 +25,35 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
-from .curvature import unwrap_ginger
-from .optimizer import Ginger, get_curvature
+from .optimizer import Ginger, unwrap_ginger
 
-__all__ = ["pending_curvature_norm", "ginger_stats", "GingerStatsCallback"]
-
-
-@torch.no_grad()
-def pending_curvature_norm(optimizer: Ginger) -> torch.Tensor | None:
-    """Norm of the curvature vectors the next ``step()`` reads (no host sync), or ``None``."""
-    squares = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is None or not optimizer._refreshes(p, group):
-                continue
-            c = p.grad if group["curvature"] == "empirical" else get_curvature(p)
-            if c is not None:
-                squares.append(torch.linalg.vector_norm(c, dtype=torch.float32).square())
-    if not squares:
-        return None
-    return torch.stack([x.to(squares[0].device) for x in squares]).sum().sqrt()
+__all__ = ["ginger_stats", "GingerStatsCallback"]
 
 
 @torch.no_grad()
 def ginger_stats(optimizer: Ginger) -> dict[str, float]:
-    """Summary statistics of the optimizer's state (one host sync)."""
-    s = [st["s"] for st in optimizer.state.values() if "s" in st]
-    skipped = sum(int(st.get("skipped", 0)) for st in optimizer.state.values())
-    stats: dict[str, float] = {"ginger/skipped_blocks": float(skipped)}
+    """Summary statistics of the optimizer's state and of the steps since the last call (one host sync)."""
+    states = [st for st in optimizer.state.values() if "s" in st]
+    stats: dict[str, float] = {
+        "ginger/skipped_blocks": float(sum(int(st.get("skipped", 0)) for st in optimizer.state.values())),
+        "ginger/skipped_curvature": float(sum(int(st.get("curvature_skipped", 0)) for st in states)),
+    }
+    s = [st["s"].reshape(-1) for st in states if st["s"].numel()]
     if s:
-        flat = torch.cat([x.reshape(-1).to(s[0].device) for x in s])
+        flat = torch.cat([x.to(s[0].device) for x in s])
         stats["ginger/s_mean"] = flat.mean().item()
         stats["ginger/s_max"] = flat.max().item()
-    norm = getattr(optimizer, "last_curvature_norm", None)
-    if norm is not None:
-        stats["ginger/curvature_norm"] = float(norm)
+    sums = optimizer.step_stats
+    if sums and sums.get("numel"):
+        stats["ginger/update_to_grad"] = (sums["update_sq"] / max(sums["grad_sq"], 1e-300)) ** 0.5
+        stats["ginger/span_share"] = (sums["span_sq"] / max(sums["update_sq"], 1e-300)) ** 0.5
+        stats["ginger/clipped_fraction"] = sums["clipped"] / sums["numel"]
+    if sums and "curvature_sq" in sums:
+        stats["ginger/curvature_norm"] = sums["curvature_sq"] ** 0.5
+    if sums is not None:
+        curvature = {k: v for k, v in sums.items() if k == "curvature_sq"}
+        sums.clear()
+        sums.update(curvature)  # the last refresh's norm stays until the next refresh
     return stats
 
 

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # 2-core machine two threads per process were ~5x slower (threads wait on each other).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ginger_hf import fused, proxy  # noqa: E402
+from ginger_hf import kernel, proxy  # noqa: E402
 
 TINY_MODEL = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
 COLUMNS = [("optimizer", "optimizer", "{}"), ("lr", "lr", "{:g}"), ("eval loss", "eval_loss", "{:.3f}"),
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data = proxy.tokenize_splits(raw, tokenizer, {"train": train_rows, "validation": args.eval_size})
 
     if "ginger" in names:
-        fused.kernel_available()  # build Ginger's CPU kernel (first use only) before any clock starts
+        kernel.available()  # build Ginger's CPU kernel (first use only) before any clock starts
 
     rows, start = [], time.perf_counter()
     for name in names:

@@ -50,9 +50,10 @@ def main() -> None:
     parser.add_argument("--train-file", type=Path, default=ROOT / "ginger_hf" / "data" / "debsum" / "train.jsonl.gz")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "ginger_hf" / "data" / "tokenizer")
     parser.add_argument("--vocab-size", type=int, default=4000)
+    parser.add_argument("--extra-ids", type=int, default=32, help="<extra_id_*> sentinels for span-corruption pre-training")
     args = parser.parse_args()
     vocab = train_unigram([args.train_file], args.vocab_size)
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=args.extra_ids, model_max_length=512)
     tokenizer.save_pretrained(args.output_dir)
     sample = "summarize: A free, open-source real-time strategy game."
     print(f"{len(tokenizer)} tokens -> {args.output_dir}; {sample!r} -> {tokenizer.tokenize(sample)}")

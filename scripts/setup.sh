@@ -27,7 +27,7 @@ extras="recipes"
 "${PIP[@]}" install -e ".[${extras}]"
 .venv/bin/python - <<'PY'
 import torch, ginger_hf
-from ginger_hf import fused
-kernel = "compiled CPU kernel" if fused.kernel_available() else "torch step (no compiler found)"  # builds it once
-print("ginger-hf", ginger_hf.__version__, "| torch", torch.__version__, "|", kernel)
+from ginger_hf import kernel
+step = "compiled CPU kernel" if kernel.available() else "torch step (no compiler found)"  # builds it once
+print("ginger-hf", ginger_hf.__version__, "| torch", torch.__version__, "|", step)
 PY

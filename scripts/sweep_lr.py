@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""The learning-rate sweep behind ``ginger_hf.proxy.DEFAULT_LR`` (the main job's defaults).
+"""Learning-rate sweeps on the proxy tasks: the evidence behind every default and lever choice.
 
-    python scripts/sweep_lr.py                      # ginger, adamw, adafactor: 3 lrs each
-    python scripts/sweep_lr.py --grid ginger=1e-4,3e-4 --max-steps 300
+    python scripts/sweep_lr.py --task scratch                       # the standard grid, every optimizer
+    python scripts/sweep_lr.py --task lora --configs ginger,adamw --lrs 1e-3,3e-3,1e-2
+    python scripts/sweep_lr.py --task finetune --configs lever:root --output outputs/sweeps/finetune.jsonl
 
-Same proxy task, model, data, schedule and seed as scripts/compare.py, but a third of the
-steps (100) and no generation, to keep the sweep short; ranks each learning rate by
-its final eval loss. Writes
-``sweep.json`` and ``sweep.md`` to ``--output-dir`` and prints the table with the best
-learning rate per optimizer.
+A *config* is an optimizer of ``ginger_hf.proxy.OPTIMIZERS`` (``ginger`` is the recommended
+Ginger, ``ginger_paper`` the paper's configuration), or ``lever:NAME``: the recommended Ginger
+with one lever changed (``LEVERS`` below; the research log in docs/research.md says why each
+exists). Every run is the full task of scripts/compare.py (same model, data, steps, schedule,
+seed) without ROUGE generation; each finished run appends one JSON line (config, lr, final
+eval loss, eval curve, seconds per step, Ginger statistics) to ``--output``, so sweeps can be
+split across processes and resumed (runs already in the file are skipped). ``--report``
+prints the table of a file: per config, each lr's final eval loss, the best marked, and
+whether the best sits at an edge of the grid.
 """
 
 from __future__ import annotations
@@ -21,61 +26,112 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# One thread unless the caller says otherwise: this model's ops are small, and on a shared
-# 2-core machine two threads per process were ~5x slower (threads wait on each other).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from ginger_hf import proxy  # noqa: E402
 
-DEFAULT_GRID = {"ginger": [3e-4, 1e-3, 3e-3], "adamw": [1e-3, 3e-3, 1e-2], "adafactor": [3e-4, 1e-3, 3e-3]}
+# One lever changed from the recommended configuration (research log: docs/research.md).
+LEAD = "blocks=row,power=0.5,relative_damping=0.1,damping=1e-12,rho=none,bias_correction=true,tau=4"
+LEVERS: dict[str, str] = {
+    "lead": LEAD,
+    "tensor": LEAD.replace("blocks=row", "blocks=tensor"),
+    "power1": LEAD.replace("power=0.5", "power=1"),
+    "rank0": LEAD.replace("tau=4", "tau=0"),
+    "lambda0.03": LEAD.replace("relative_damping=0.1", "relative_damping=0.03"),
+    "lambda0.3": LEAD.replace("relative_damping=0.1", "relative_damping=0.3"),
+    "lambda1": LEAD.replace("relative_damping=0.1", "relative_damping=1"),
+    "empirical": LEAD + ",curvature=empirical",
+    "interval4": LEAD + ",curvature_interval=4",
+    "tau8": LEAD.replace("tau=4", "tau=8"),
+}
+
+DEFAULT_LRS = {"scratch": [3e-4, 1e-3, 3e-3, 1e-2], "finetune": [1e-4, 3e-4, 1e-3, 3e-3],
+               "lora": [3e-4, 1e-3, 3e-3, 1e-2]}
 
 
-def parse_grid(items: list[str]) -> dict[str, list[float]]:
-    grid = {}
-    for item in items:
-        name, sep, values = item.partition("=")
-        if not sep or name not in proxy.OPTIMIZERS:
-            raise ValueError(f"--grid takes NAME=LR,LR,... with NAME in {sorted(proxy.OPTIMIZERS)}, got {item!r}")
-        grid[name] = [float(v) for v in values.split(",") if v]
-    return grid
+def resolve(config: str) -> tuple[str, str | None]:
+    """``(optimizer name, optim_args or None)`` of a config."""
+    if config.startswith("lever:"):
+        name = config.split(":", 1)[1]
+        if name not in LEVERS:
+            raise ValueError(f"unknown lever {name!r}; choose from {sorted(LEVERS)}")
+        return "ginger", LEVERS[name]
+    if config.startswith("args:"):  # ad-hoc optim_args for exploration: args:KEY=V,KEY=V
+        return "ginger", config.split(":", 1)[1]
+    if config not in proxy.OPTIMIZERS:
+        raise ValueError(f"unknown config {config!r}; choose from {sorted(proxy.OPTIMIZERS)} or lever:NAME")
+    return config, None
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def with_stats(name: str, optim_args: str | None) -> str | None:
+    """Ginger runs log their statistics (clipped fraction, share in span(U), update/gradient norm)."""
+    if proxy.OPTIMIZERS[name].get("optim") != "ginger":
+        return optim_args
+    base = optim_args if optim_args is not None else proxy.OPTIMIZERS[name]["optim_args"]
+    return base if "log_stats" in base else base + ",log_stats=true"
+
+
+def done_runs(path: Path) -> set[tuple[str, str, float, int]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["config"], r["lr"], r["max_steps"]) for r in rows}
+
+
+def report(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| task | config | lr | eval loss | s/step | best |", "|---|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for config in dict.fromkeys(r["config"] for r in rows if r["task"] == task):
+            runs = sorted((r for r in rows if r["task"] == task and r["config"] == config), key=lambda r: r["lr"])
+            best = min(runs, key=lambda r: r["eval_loss"])
+            edge = len(runs) < 3 or best is runs[0] or best is runs[-1]
+            for r in runs:
+                mark = ("**best**" + (" (edge)" if edge else "")) if r is best else ""
+                lines.append(f"| {task} | {config} | {r['lr']:g} | {r['eval_loss']:.3f} | {r['sec_per_step']:.3f} | {mark} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", action="append", default=[], metavar="NAME=LR,LR,...",
-                   help=f"learning rates per optimizer (repeatable; default {DEFAULT_GRID})")
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=proxy.DEFAULT_BATCH_SIZE)
-    p.add_argument("--eval-size", type=int, default=proxy.DEFAULT_EVAL_SIZE)
+    p.add_argument("--task", choices=proxy.TASKS, default="scratch")
+    p.add_argument("--configs", default="ginger,ginger_paper,adamw,adafactor",
+                   help="comma-separated optimizer names or lever:NAME")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the task's grid)")
+    p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/sweep_lr"))
+    p.add_argument("--output", type=Path, default=None, help="JSON lines file (default outputs/sweeps/TASK.jsonl)")
+    p.add_argument("--report", action="store_true", help="print the table of --output and exit")
     args = p.parse_args(argv)
-    grid = parse_grid(args.grid) if args.grid else DEFAULT_GRID
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-
+    output = args.output or Path("outputs/sweeps") / f"{args.task}.jsonl"
+    if args.report:
+        print(report(output))
+        return
+    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS[args.task]
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        resolve(c)  # fail before any training
+    output.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = proxy.load_tokenizer()
     raw = proxy.load_debsum()
-    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * args.batch_size),
-                                                  "validation": args.eval_size})
-    rows, start = [], time.perf_counter()
-    for name, lrs in grid.items():
+    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),
+                                                  "validation": proxy.DEFAULT_EVAL_SIZE})
+    for config in configs:
+        name, optim_args = resolve(config)
         for lr in lrs:
-            print(f"\n=== {name} lr {lr:g} ===", flush=True)
-            r = proxy.run(name, lr, max_steps=args.max_steps, output_dir=args.output_dir / f"{name}_{lr:g}", data=data,
-                          tokenizer=tokenizer, batch_size=args.batch_size, eval_steps=args.max_steps, rouge_size=0, seed=args.seed,
-                          disable_tqdm=True)
-            rows.append({k: r[k] for k in ("optimizer", "lr", "eval_loss", "sec_per_step", "eval_curve")})
-    best = {name: min((r for r in rows if r["optimizer"] == name), key=lambda r: r["eval_loss"])["lr"] for name in grid}
-    lines = ["| optimizer | lr | eval loss | s/step | best |", "|---|---|---|---|---|"]
-    lines += [f"| {r['optimizer']} | {r['lr']:g} | {r['eval_loss']:.3f} | {r['sec_per_step']:.3f} | "
-              f"{'yes' if best[r['optimizer']] == r['lr'] else ''} |" for r in rows]
-    table = "\n".join(lines)
-    (args.output_dir / "sweep.json").write_text(json.dumps({"best_lr": best, "runs": rows}, indent=2))
-    (args.output_dir / "sweep.md").write_text(
-        f"{table}\n\n{args.max_steps} steps, batch {args.batch_size}, eval loss on {args.eval_size} validation rows, "
-        f"seed {args.seed}; {time.perf_counter() - start:.0f} s in all.\n")
-    print("\n" + table + f"\n\nbest lr: {best}")
-    return rows
+            if (args.task, config, lr, args.max_steps) in done_runs(output):
+                continue
+            print(f"=== {args.task} {config} lr {lr:g} ===", flush=True)
+            start = time.perf_counter()
+            r = proxy.run(name, lr, task=args.task, max_steps=args.max_steps, output_dir=Path("outputs/sweep_runs"),
+                          data=data, tokenizer=tokenizer, rouge_size=0, seed=args.seed, disable_tqdm=True,
+                          optim_args=with_stats(name, optim_args))
+            row = {"task": args.task, "config": config, "optim_args": r["optim_args"], **{k: r[k] for k in (
+                "optimizer", "lr", "max_steps", "eval_loss", "sec_per_step", "eval_curve", "optimizer_state_mb",
+                "ginger_stats")}, "wall_seconds": time.perf_counter() - start}
+            with output.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"    eval loss {r['eval_loss']:.4f}  ({r['sec_per_step']:.3f} s/step)", flush=True)
 
 
 if __name__ == "__main__":

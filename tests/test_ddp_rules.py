@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import ginger_hf
-from ginger_hf.distributed import all_reduce_curvature, check_accelerate_supported, trainer_curvature_group
+from ginger_hf.comm import all_reduce_curvature
+from ginger_hf.distributed import check_accelerate_supported, trainer_curvature_group
 
 
 def test_helper_requires_the_global_label_count_when_curvature_is_summed_over_ranks():

@@ -19,7 +19,8 @@ from transformers.training_args import OptimizerNames
 import ginger_hf
 import ginger_hf.curvature
 from ginger_hf import get_curvature, unwrap_ginger
-from ginger_hf.trainer import OPTIM_ARGS, TrainerGinger, parse_optim_args
+from ginger_hf.optim_args import OPTIM_ARGS, parse_optim_args
+from ginger_hf.trainer import TrainerGinger
 
 
 

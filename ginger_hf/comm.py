@@ -1,0 +1,65 @@
+"""Low-level collectives and parameter checks the optimizer needs (no Ginger imports)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["world_size", "all_reduce_curvature", "sharded_kind", "check_not_sharded", "SUPPORTED"]
+
+SUPPORTED = (
+    "Ginger supports one process, or distributed data parallel (DDP: torchrun, accelerate launch "
+    "with distributed_type MULTI_GPU/MULTI_CPU, the Trainer on several processes) where every rank holds "
+    "whole parameters."
+)
+
+
+
+def world_size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def all_reduce_curvature(vectors: list[Tensor], group) -> list[Tensor]:
+    """Sum ``vectors`` over ``group`` with one all-reduce of one flat buffer; returns the summed vectors.
+
+    The buffer is float32 (or wider if a vector is wider), so bf16/fp16 vectors are summed
+    without extra rounding. Every rank must pass vectors of the same shapes in the same order.
+    """
+    if not vectors:
+        return []
+    import torch
+
+    dtype = torch.float32
+    for v in vectors:
+        dtype = torch.promote_types(dtype, v.dtype)
+    flat = torch.cat([v.reshape(-1).to(dtype) for v in vectors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return [chunk.view_as(v) for chunk, v in zip(flat.split([v.numel() for v in vectors]), vectors)]
+
+
+def sharded_kind(param: Any) -> str | None:
+    """Name of the sharding scheme ``param`` belongs to, or ``None`` for an ordinary tensor."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        DTensor = ()
+    if isinstance(param, DTensor):
+        return "DTensor (FSDP2 fully_shard / tensor parallel)"
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
+        return "FSDP flat parameter"
+    if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
+        return "DeepSpeed ZeRO partitioned parameter"
+    return None
+
+
+def check_not_sharded(params) -> None:
+    """Raise ``TypeError`` if any parameter is a shard of a larger tensor (FSDP, DTensor, DeepSpeed ZeRO)."""
+    for p in params:
+        kind = sharded_kind(p)
+        if kind is not None:
+            raise TypeError(
+                f"Ginger: got a {kind} of shape {tuple(p.shape)}. Sharded parameters (FSDP, DeepSpeed ZeRO, "
+                f"DTensor) are not supported: each rank would build its curvature model from a slice. {SUPPORTED}"
+            )

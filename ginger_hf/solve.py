@@ -1,0 +1,212 @@
+"""The small problems of a fast Ginger step: float64, batched over every block of one rank.
+
+The streaming passes (``ginger_hf.fused``) reduce each block to a few sums (``Stats``);
+from them and the block's small state (``s``, ``R``, ``e``) this module computes the new
+small state and the handful of coefficients (``Coefs``) with which pass 2 writes the
+momentum, the parameter and the basis. Nothing here touches a ``d``-sized tensor.
+
+The stored basis ``U`` (rows) of a block is any near-orthonormal basis of its curvature
+subspace; the eigenbasis is ``R U``. On a refresh, with ``W = (U U^T)^{-1/2}`` the rows of
+``W U`` are exactly orthonormal (rounding never accumulates in ``U``); in that basis the
+rank-one EMA update of GINGER.md section 2 (eigen-decompose the ``(n+1)``-sized ``K``, drop
+the smallest eigenpair ``e``) only needs a new basis of ``e``'s complement in
+``span(U, c)``. The Householder reflection that maps the residual direction onto ``e``
+gives one as a rank-one change, ``U <- U - bt v^T`` with ``v = nu . U + nu_c c``, and the
+rotation to the new eigenbasis goes into ``R``: pass 2 costs O(n) per element.
+
+Degenerate refreshes are closed forms of the same solve, not separate paths: when ``c``
+lies in ``span(U)`` to within ``in_span_tolerance`` (a repeated gradient, a zero vector, or
+a block with ``k <= tau``, whose basis spans everything), the residual direction is
+dropped exactly: ``U`` stays, only ``s`` and ``R`` move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["StatsLayout", "CoefLayout", "Blocks", "solve_refresh", "solve_keep", "in_span_tolerance"]
+
+
+class StatsLayout:
+    """Named views into a pass-1 row of sums, ``(..., width)`` float64, for blocks of rank ``n``.
+
+    ``gram`` ``U U^T`` (upper triangle filled at least), ``uc`` ``U c``, ``um`` ``U m'``,
+    ``cc`` ``c.c``, ``cm`` ``c.m'``, ``mm`` ``m'.m'``, ``gg`` ``g.g``, ``finite`` (a sum that is
+    finite iff ``m'`` and ``c`` are), with ``m' = lerp(m, g, 1 - beta1)``.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        names = [("gram", n * n), ("uc", n), ("um", n), ("cc", 1), ("cm", 1), ("mm", 1), ("gg", 1), ("finite", 1)]
+        self.offsets, at = {}, 0
+        for name, size in names:
+            self.offsets[name] = (at, size)
+            at += size
+        self.width = at
+
+    def view(self, stats: Tensor, name: str) -> Tensor:
+        at, size = self.offsets[name]
+        out = stats[..., at : at + size]
+        if name == "gram":
+            return out.unflatten(-1, (self.n, self.n))
+        return out if size > 1 or name in ("uc", "um") else out[..., 0]
+
+
+class CoefLayout:
+    """Named views into a pass-2 row of coefficients, ``(..., width)``, for blocks of rank ``n``.
+
+    Pass 2 computes ``u = scale * (m' - a . U + ab * v)`` with ``v = nu . U + nu_c * c``
+    (refresh only), clips it to ``[-rho, rho]``, then ``p <- p * decay - lr * u`` and, on a
+    refresh that adds a direction, ``U <- U - bt v^T``.
+    """
+
+    SCALARS = ("scale", "ab", "lr", "decay", "rho", "nu_c")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.offsets = {name: (i, 1) for i, name in enumerate(self.SCALARS)}
+        at = len(self.SCALARS)
+        for name in ("a", "bt", "nu"):
+            self.offsets[name] = (at, n)
+            at += n
+        self.width = at
+
+    def view(self, coefs: Tensor, name: str) -> Tensor:
+        at, size = self.offsets[name]
+        out = coefs[..., at : at + size]
+        return out if name in ("a", "bt", "nu") else out[..., 0]
+
+
+@dataclass
+class Blocks:
+    """Per-block inputs of the small solve, all float64 on the host, batch ``(N,)`` first.
+
+    ``k`` block length; ``beta2``, ``damping``, ``relative_damping``, ``power``, ``debias``
+    (``1 - beta2^q`` after this step's refresh, or 1), ``momentum_debias`` (``1 - beta1^t``),
+    ``tolerance`` (``in_span_tolerance`` of the state dtype).
+    """
+
+    s: Tensor
+    R: Tensor
+    e: Tensor
+    k: Tensor
+    beta2: Tensor
+    damping: Tensor
+    relative_damping: Tensor
+    power: Tensor
+    debias: Tensor
+    momentum_debias: Tensor
+    tolerance: Tensor
+
+
+def in_span_tolerance(dtype: torch.dtype) -> float:
+    """Residual fraction ``|c - proj c| / |c|`` below which ``c`` counts as inside ``span(U)``.
+
+    Above it the new direction is formed implicitly in pass 2 as ``(c - U^T k) / r`` in the
+    state dtype; below it that loses too many digits, and dropping the residual instead
+    changes the curvature model by at most ``(1 - beta2) * tol^2 * |c|^2``.
+    """
+    return 1e-2 if torch.finfo(dtype).eps > 1e-10 else 1e-6
+
+
+def _sym(G: Tensor) -> Tensor:
+    """Fill the lower triangle from the upper one (kernels may write only the upper)."""
+    n = G.shape[-1]
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    return torch.where(upper, G, G.mT)
+
+
+def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G^{-1/2}, G^{1/2})`` of symmetric positive definite matrices close to ``I``.
+
+    Coupled Newton-Schulz (matrix products only, cheap for many small matrices; quadratic
+    convergence from ``|G - I| < 1``); blocks still off after the iterations fall back to
+    an eigen-decomposition.
+    """
+    n = G.shape[-1]
+    eye = torch.eye(n, dtype=G.dtype)
+    Y, Z = G, eye.expand_as(G)
+    for _ in range(4):
+        T = 1.5 * eye - 0.5 * (Z @ Y)
+        Y, Z = Y @ T, T @ Z
+    bad = ((Z @ G @ Z) - eye).abs().amax((-2, -1)) > 1e-12
+    if bool(bad.any()):
+        e, Q = torch.linalg.eigh(G[bad])
+        root = e.clamp_min(1e-300).sqrt()[:, None, :]
+        Z, Y = Z.clone(), Y.clone()
+        Z[bad] = (Q / root) @ Q.mT
+        Y[bad] = (Q * root) @ Q.mT
+    return Z, Y
+
+
+def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tensor) -> dict[str, Tensor]:
+    """``a``, ``scale`` of ``u = scale (m' - a . U)``, and ``|u|^2`` and its part in ``span(U)`` (before clipping).
+
+    ``u = f(G) m_hat`` with ``f(x) = x^-power`` and ``G = gamma I + U^T R^T diag(s_hat) R U``:
+    ``f(G) = f(gamma) (I - B^T diag(phi) B)`` over the eigenbasis ``B = R U``, with
+    ``phi = 1 - (gamma / (gamma + s_hat))^power``; with ``y = B m'``,
+    ``|u|^2 = scale^2 (|m'|^2 - sum (2 phi - phi^2) y^2)`` and ``|B u|^2 = scale^2 sum ((1 - phi) y)^2``.
+    """
+    gamma = bl.damping + bl.relative_damping * e / (bl.debias * bl.k)
+    s_hat = s / bl.debias[:, None]
+    phi = 1 - (gamma[:, None] / (gamma[:, None] + s_hat)).pow(bl.power[:, None])
+    y = (R @ um[..., None])[..., 0]
+    a = (R.mT @ (phi * y)[..., None])[..., 0]
+    scale = gamma.pow(-bl.power) / bl.momentum_debias
+    update_sq = scale**2 * (mm - ((2 * phi - phi**2) * y * y).sum(-1)).clamp_min(0)
+    span_sq = scale**2 * (((1 - phi) * y) ** 2).sum(-1)
+    return dict(a=a, scale=scale, update_sq=update_sq, span_sq=span_sq)
+
+
+def solve_keep(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, Tensor]:
+    """Coefficients of a step that keeps the curvature model (no refresh)."""
+    return _direction(bl, bl.s, bl.e, bl.R, layout.view(stats, "um"), layout.view(stats, "mm"))
+
+
+def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, Tensor]:
+    """The refresh of every block: new ``s``, ``R``, ``e`` and pass 2's coefficients.
+
+    Returns a dict with ``s``, ``R``, ``e``, ``rotate`` (bool: the basis gains a direction;
+    False for the in-span closed form), ``a``, ``bt``, ``nu``, ``nu_c``, ``ab``, ``scale``,
+    ``update_sq`` and ``span_sq`` (see ``_direction``). ``ginger_hf.kernel.solve_refresh``
+    computes the same on CPU, block by block in C++.
+    """
+    n = layout.n
+    W, Wi = _inverse_sqrt(_sym(layout.view(stats, "gram")))
+    uc, um = layout.view(stats, "uc"), layout.view(stats, "um")
+    cc, cm = layout.view(stats, "cc"), layout.view(stats, "cm")
+    k = (W @ uc[..., None])[..., 0]  # c in the orthonormal basis W U
+    RB = bl.R @ Wi  # the eigenbasis in W U: orthogonal up to rounding, made exactly so
+    RB = RB @ _inverse_sqrt(RB.mT @ RB)[0]
+    r = (cc - (k * k).sum(-1)).clamp_min(0).sqrt()
+    rotate = r > bl.tolerance * cc.sqrt()
+    r = torch.where(rotate, r, torch.zeros_like(r))
+    z = torch.cat([(RB @ k[..., None])[..., 0], r[:, None]], 1)
+    K = (1 - bl.beta2)[:, None, None] * z[:, :, None] * z[:, None, :]
+    K[:, :n, :n] += torch.diag_embed(bl.beta2[:, None] * bl.s)
+    K[:, n, n] -= (~rotate).double()  # in span: pin the residual slot below the rest, so that it is dropped
+    lam, V = torch.linalg.eigh(K)  # ascending: column 0 is the eigenpair to drop
+    e_drop = torch.cat([(RB.mT @ V[:, :n, :1])[..., 0], V[:, n:, 0]], 1)  # in coordinates (W U, residual)
+    sigma = torch.where(e_drop[:, n] >= 0, -1.0, 1.0)[:, None]  # reflect far from e_drop: |v|^2 >= 2
+    v = -sigma * e_drop
+    v[:, n] += 1
+    vv = (v * v).sum(-1)
+    H = torch.eye(n + 1, dtype=torch.float64) - 2 * v[:, :, None] * v[:, None, :] / vv[:, None, None]
+    Q = H[:, :n, :]  # orthonormal basis of e_drop's complement, in coordinates (W U, residual)
+    C = V[:, :, 1:].mT.clone()  # the new eigenbasis in coordinates (old eigenbasis, residual) ...
+    C[:, :, :n] = C[:, :, :n] @ RB  # ... and in (W U, residual)
+    R_new = (C @ Q.mT) @ W
+    beta = 2 * v[:, :n] / vv[:, None]
+    safe_r = torch.where(rotate, r, torch.ones_like(r))
+    nu = torch.where(rotate[:, None], v[:, :n] - v[:, n:] * k / safe_r[:, None], 0.0)
+    nu_c = torch.where(rotate, v[:, n] / safe_r, 0.0)
+    bt = torch.where(rotate[:, None], (Wi @ beta[..., None])[..., 0], 0.0)
+    nu = (W @ nu[..., None])[..., 0]
+    s_new = lam[:, 1:].clamp_min(0)
+    e_new = bl.beta2 * bl.e + (1 - bl.beta2) * cc
+    um_new = um - bt * ((nu * um).sum(-1) + nu_c * cm)[:, None]  # U_new m'
+    out = _direction(bl, s_new, e_new, R_new, um_new, layout.view(stats, "mm"))
+    return dict(out, s=s_new, R=R_new, e=e_new, rotate=rotate, bt=bt, nu=nu, nu_c=nu_c, ab=(out["a"] * bt).sum(-1))
