@@ -123,22 +123,39 @@ struct Scratch {
   float* at(int i) { return v.data() + (size_t)i * CHUNK; }
 };
 
-// Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements.
-template <int NI, int NJ>
-void gram_tile(const float* const* u, int i0, int j0, int64_t Lp, double* G, int n) {
-  vf acc[NI][NJ] = {};
+// The refresh sums need exact products: r^2 = c.c - |k|^2 cancels when c lies near span(U), so the
+// Gram and U c are formed from float inputs widened to double (float x float is exact in double).
+constexpr int WD = W / 2;  // doubles per vector
+inline vd ldd(const double* p) { vd v; std::memcpy(&v, p, sizeof v); return v; }
+inline void widen(const float* in, double* out, int64_t Lp) {
   for (int64_t x = 0; x < Lp; x += W) {
-    vf a[NI], b[NJ];
-    for (int i = 0; i < NI; ++i) a[i] = ld(u[i0 + i] + x);
-    for (int j = 0; j < NJ; ++j) b[j] = ld(u[j0 + j] + x);
+    vf v = ld(in + x);
+    vf8 lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+    vd a = __builtin_convertvector(lo, vd), b = __builtin_convertvector(hi, vd);
+    std::memcpy(out + x, &a, sizeof a);
+    std::memcpy(out + x + WD, &b, sizeof b);
+  }
+}
+inline double hsumd(vd v) { return hsum(v); }
+
+// Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements, in double.
+template <int NI, int NJ>
+void gram_tile(const double* const* u, int i0, int j0, int64_t Lp, double* G, int n) {
+  vd acc[NI][NJ] = {};
+  for (int64_t x = 0; x < Lp; x += WD) {
+    vd a[NI], b[NJ];
+    for (int i = 0; i < NI; ++i) a[i] = ldd(u[i0 + i] + x);
+    for (int j = 0; j < NJ; ++j) b[j] = ldd(u[j0 + j] + x);
     for (int i = 0; i < NI; ++i) for (int j = 0; j < NJ; ++j) acc[i][j] += a[i] * b[j];
   }
   for (int i = 0; i < NI; ++i)
     for (int j = 0; j < NJ; ++j)
-      if (i0 + i <= j0 + j) G[(i0 + i) * n + j0 + j] += hsum(acc[i][j]);
+      if (i0 + i <= j0 + j) G[(i0 + i) * n + j0 + j] += hsumd(acc[i][j]);
 }
 template <int NI>
-void gram_row(const float* const* u, int i0, int n, int64_t Lp, double* G) {
+void gram_row(const double* const* u, int i0, int n, int64_t Lp, double* G) {
   for (int j0 = i0; j0 < n; j0 += 4) {
     switch (n - j0 >= 4 ? 4 : n - j0) {
       case 4: gram_tile<NI, 4>(u, i0, j0, Lp, G, n); break;
@@ -148,7 +165,7 @@ void gram_row(const float* const* u, int i0, int n, int64_t Lp, double* G) {
     }
   }
 }
-void gram(const float* const* u, int n, int64_t Lp, double* G) {
+void gram(const double* const* u, int n, int64_t Lp, double* G) {
   for (int i0 = 0; i0 < n; i0 += 4) {
     switch (n - i0 >= 4 ? 4 : n - i0) {
       case 4: gram_row<4>(u, i0, n, Lp, G); break;
@@ -163,15 +180,21 @@ inline double dot(const float* a, const float* b, int64_t Lp) {
   for (int64_t x = 0; x < Lp; x += W) acc += ld(a + x) * ld(b + x);
   return hsum(acc);
 }
+inline double dotd(const double* a, const double* b, int64_t Lp) {
+  vd acc = vd{};
+  for (int64_t x = 0; x < Lp; x += WD) acc += ldd(a + x) * ldd(b + x);
+  return hsumd(acc);
+}
 
 // Pass 1 on elements [x0, x1) of one block; reads only. With mv = lerp(m, g, w1) it adds
 // U m', m'.m', g.g and, on refresh, the Gram U U^T (upper triangle), U c, c.c, c.m' to out.
 template <class S, class P>
 void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0,
-           int64_t x1, double* out, const StatsView& sv, Scratch& sc) {
+           int64_t x1, double* out, const StatsView& sv, Scratch& sc, std::vector<double>& wide) {
   const bool R = b.refresh;
   double cc = 0, cm = 0, mm = 0, gg = 0;
   const float* u[64];
+  const double* ud[64];
   for (int64_t xb = x0; xb < x1; xb += CHUNK) {
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
     for (int j = 0; j < n; ++j) u[j] = src(U + j * b.ustride + xb, sc.at(j), L);
@@ -190,11 +213,18 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
     }
     mm += hsum(amm); gg += hsum(agg);
     if (R) { cc += hsum(acc); cm += hsum(acm); }
-    for (int j = 0; j < n; ++j) {
-      out[sv.um + j] += dot(u[j], mv, Lp);
-      if (R) out[sv.uc + j] += dot(u[j], ci, Lp);
+    for (int j = 0; j < n; ++j) out[sv.um + j] += dot(u[j], mv, Lp);
+    if (R) {
+      double* cd = wide.data() + (size_t)n * CHUNK;
+      widen(ci, cd, Lp);
+      for (int j = 0; j < n; ++j) {
+        double* row = wide.data() + (size_t)j * CHUNK;
+        widen(u[j], row, Lp);
+        ud[j] = row;
+        out[sv.uc + j] += dotd(row, cd, Lp);
+      }
+      gram(ud, n, Lp, out + sv.gram);
     }
-    if (R) gram(u, n, Lp, out + sv.gram);
   }
   out[sv.mm] += mm; out[sv.gg] += gg;
   if (R) { out[sv.cc] += cc; out[sv.cm] += cm; }
@@ -309,6 +339,7 @@ void run_pass1(int n, int nb, const Block* blocks, const int64_t* ptrs, float w1
   std::mutex lock;
   run_threads(nt, [&](int t) {
     Scratch sc(n + 4);
+    std::vector<double> wide((size_t)(n + 1) * CHUNK);
     std::vector<double> part(sv.width);
     for (int i = 0; i < nb; ++i) {
       const Block& b = blocks[i];
@@ -318,7 +349,7 @@ void run_pass1(int n, int nb, const Block* blocks, const int64_t* ptrs, float w1
       const bool whole = x0 == 0 && x1 == b.k;
       double* o = whole ? out + (int64_t)i * sv.width : part.data();
       if (!whole) std::fill(part.begin(), part.end(), 0.0);
-      pass1<S, P>(n, b, (const S*)q[0], (const S*)q[1], (const P*)q[2], (const P*)q[3], w1, x0, x1, o, sv, sc);
+      pass1<S, P>(n, b, (const S*)q[0], (const S*)q[1], (const P*)q[2], (const P*)q[3], w1, x0, x1, o, sv, sc, wide);
       if (!whole) {  // a block split between threads: add this share under the lock
         std::lock_guard<std::mutex> g(lock);
         for (int64_t j = 0; j < sv.width; ++j) out[(int64_t)i * sv.width + j] += part[j];

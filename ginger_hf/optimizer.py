@@ -58,9 +58,9 @@ def validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ``ValueError``/``TypeError`` naming the argument and its allowed values."""
     tau = group["tau"]
     if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"Ginger: tau must be an integer >= 0, got {tau!r}")
-    if tau < 0:
-        raise ValueError(f"Ginger: tau must be an integer >= 0 (0: no low-rank term), got {tau!r}")
+        raise TypeError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
+    if tau < 1:
+        raise ValueError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
     lr = group["lr"]
     if isinstance(lr, Tensor):
         raise TypeError("Ginger: lr must be a float >= 0, got a Tensor")
@@ -158,7 +158,7 @@ class Ginger(Optimizer):
         params: parameters or param groups.
         lr: learning rate (the one value to tune).
         betas: ``(beta1, beta2)``: EMA rates of the momentum and of the curvature model.
-        tau: rank of each block's curvature model (0: none, only the damping term).
+        tau: rank of each block's curvature model.
         blocks: ``"row"`` (one block per row of a tensor with 2+ dims) or ``"tensor"`` (the paper).
         power: the step is ``G^-power m_hat``: 1 as in the paper, 0.5 the root (Adam, Shampoo, GGT).
         damping: absolute part of ``gamma``.

@@ -17,7 +17,7 @@ rotation to the new eigenbasis goes into ``R``: pass 2 costs O(n) per element.
 Degenerate refreshes are closed forms of the same solve, not separate paths: when ``c``
 lies in ``span(U)`` to within ``in_span_tolerance`` (a repeated gradient, a zero vector, or
 a block with ``k <= tau``, whose basis spans everything), the residual direction is
-dropped exactly: ``U`` stays, only ``s`` and ``R`` move.
+dropped: ``U`` stays, only ``s`` and ``R`` move.
 """
 
 from __future__ import annotations
@@ -103,13 +103,15 @@ class Blocks:
 
 
 def in_span_tolerance(dtype: torch.dtype) -> float:
-    """Residual fraction ``|c - proj c| / |c|`` below which ``c`` counts as inside ``span(U)``.
+    """Residual fraction ``|c - proj c| / |c|`` at or below which ``c`` counts as inside ``span(U)``.
 
-    Above it the new direction is formed implicitly in pass 2 as ``(c - U^T k) / r`` in the
-    state dtype; below it that loses too many digits, and dropping the residual instead
-    changes the curvature model by at most ``(1 - beta2) * tol^2 * |c|^2``.
+    Above it, pass 2 forms the new direction implicitly, ``(c - U^T k) / r`` in the state
+    dtype, to within ``eps / tol`` (8 eps: 1/8; ``W`` restores orthonormality at the next
+    refresh, and the model itself errs by only ``(1 - beta2) eps |c|^2``). At or below it the
+    residual is dropped, which tilts the model by at most ``(1 - beta2) tol`` relative. The
+    floor 1e-7 is how finely ``r^2 = c.c - |U c|^2``, from float64 sums, resolves ``r``.
     """
-    return 1e-2 if torch.finfo(dtype).eps > 1e-10 else 1e-6
+    return max(8 * torch.finfo(dtype).eps, 1e-7)
 
 
 def _sym(G: Tensor) -> Tensor:

@@ -21,18 +21,6 @@ def test_helper_requires_the_global_label_count_when_curvature_is_summed_over_ra
     assert ginger_hf.add_sampled_label_curvature(logits, labels, opt, num_items=6)
 
 
-@pytest.fixture
-def one_process_group():
-    import socket
-
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 1, is_master=True), rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def test_all_reduce_curvature_uses_one_float32_buffer_and_keeps_shapes(one_process_group, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ginger_hf
-from ginger_hf import Ginger, fused
+from ginger_hf import Ginger
 
 PACKAGE = Path(ginger_hf.__file__).parent
 # Every way a Python caller can pull a tensor's value to the host.
@@ -36,10 +36,10 @@ def count_host_syncs(fn) -> int:
     return sum(counts.values())
 
 
-def syncs_per_step(n_params: int, curvature: str, refresh: bool) -> int:
+def syncs_per_step(n_params: int, curvature: str, refresh: bool, backend: str, blocks: str) -> int:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8 + i, 5)) for i in range(n_params)]
-    opt = Ginger(params, lr=1e-3, tau=3, curvature=curvature, curvature_interval=2)
+    opt = Ginger(params, lr=1e-3, tau=3, curvature=curvature, curvature_interval=2, backend=backend, blocks=blocks)
 
     def feed():
         for p in params:
@@ -59,17 +59,17 @@ def syncs_per_step(n_params: int, curvature: str, refresh: bool) -> int:
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("blocks", ["tensor", "row"])
 @pytest.mark.parametrize("curvature", ["mc", "empirical"])
 @pytest.mark.parametrize("refresh", [True, False])
-def test_host_synchronisations_do_not_grow_with_the_number_of_parameters(monkeypatch, backend, curvature, refresh):
-    if backend == "torch":
-        monkeypatch.setattr(fused, "_get_kernel", lambda: None)
-    few, many = syncs_per_step(3, curvature, refresh), syncs_per_step(30, curvature, refresh)
+def test_host_synchronisations_do_not_grow_with_the_number_of_parameters(backend, blocks, curvature, refresh):
+    few = syncs_per_step(3, curvature, refresh, backend, blocks)
+    many = syncs_per_step(30, curvature, refresh, backend, blocks)
     assert few == many, (few, many)
 
 
 def test_numerical_modules_name_no_device():
-    for name in ("functional.py", "fused.py", "optimizer.py", "curvature.py"):
+    for name in ("functional.py", "fused.py", "solve.py", "optimizer.py", "curvature.py", "curvature_hook.py"):
         source = (PACKAGE / name).read_text()
         # Tensors follow their parameter's device: nothing is created on or moved to a named device.
         assert not re.search(r"""(device=|\.to\(|torch\.device\()\s*["'](cuda|mps|xpu)""", source), name

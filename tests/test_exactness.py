@@ -1,92 +1,132 @@
-"""Ginger against the dense float64 reference of GINGER.md ("Exactness check")."""
+"""``Ginger`` and the reference ``functional.ginger`` against the dense float64 oracle (GINGER.md, "Exactness check").
+
+Each lever is switched on its own and together with the others, in float64 and float32:
+row blocks, the root (power 0.5), relative damping, bias correction, the rho clip and
+weight decay, the curvature interval, and the paper's configuration.
+"""
 
 import pytest
 import torch
+from dense_reference import DenseGinger
+from helpers import relative_error
 
 from ginger_hf import Ginger
-from dense_reference import DenseGinger
+from ginger_hf import functional as F
 
-SHAPES = [(), (1,), (7,), (5, 4), (2, 3, 2, 2), (40,)]
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+SHAPES = [(), (1,), (7,), (5, 4), (2, 3, 2, 2), (40,), (6, 9)]
+TOLERANCE = {torch.float64: 1e-11, torch.float32: 2e-6}
+BASE = dict(lr=0.05, betas=(0.9, 0.99), damping=0.1, rho=None, weight_decay=0.0, blocks="tensor", power=1.0,
+            relative_damping=0.0, bias_correction=False)
+LEVERS = {
+    "paper": dict(rho=1.0),  # with the released damping 1e-5: test_paper_damping_float64
+    "rows": dict(blocks="row"),
+    "root": dict(power=0.5),
+    "relative damping": dict(relative_damping=0.3, damping=1e-8),
+    "bias correction": dict(bias_correction=True),
+    "rho and weight decay": dict(rho=0.5, weight_decay=0.1, lr=0.02, betas=(0.8, 0.9)),
+    "recommended": dict(blocks="row", power=0.5, relative_damping=0.1, damping=1e-12, bias_correction=True),
+}
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def run_pair(dtype, curvature_source, groups_hp, steps, interval=1, seed=0):
-    """Train the same parameters with Ginger and with one DenseGinger per group; return both."""
+def run_pair(dtype, mode, hp, steps, interval=1, seed=0, backend=None):
+    """Train the same parameters with Ginger and with DenseGinger; return both."""
     gen = torch.Generator().manual_seed(seed)
-    groups = []
-    for hp in groups_hp:
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES]
-        groups.append(dict(params=params, **hp))
-    mode = "empirical" if curvature_source == "gradient" else "mc"
-    opt = Ginger(groups, curvature=mode, curvature_interval=interval)
-    refs = [DenseGinger([p.shape for p in g["params"]], curvature_interval=interval, **hp) for g, hp in zip(groups, groups_hp)]
-    thetas = [[p.detach().double().clone() for p in g["params"]] for g in groups]
-
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)) for s in SHAPES]
+    opt = Ginger(params, curvature=mode, curvature_interval=interval, backend=backend, **hp)
+    dense = DenseGinger(SHAPES, curvature_interval=interval, **hp)
+    thetas = [p.detach().double().reshape(-1).clone() for p in params]
     for _ in range(steps):
-        for g, ref, i in zip(groups, refs, range(len(groups))):
-            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in g["params"]]
-            curvs = [2 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in g["params"]]
-            for p, gr, c in zip(g["params"], grads, curvs):
-                p.grad = gr.to(dtype)
-                if mode == "mc":
-                    p.curvature = c.to(dtype)
-            thetas[i] = ref.step(thetas[i], grads, grads if mode == "empirical" else curvs)
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        curvs = [2 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        for p, g, c in zip(params, grads, curvs):
+            p.grad = g.to(dtype)
+            if mode == "mc" and opt.needs_curvature():
+                p.curvature = c.to(dtype)
+        thetas = dense.step(thetas, grads, grads if mode == "empirical" else curvs)
         opt.step()
-    return groups, thetas, opt
+    return params, thetas, opt
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("tau", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("curvature_source", ["gradient", "explicit"])
-@pytest.mark.parametrize(
-    "hp",
-    [
-        dict(lr=0.05, betas=(0.9, 0.99), damping=0.1, rho=None, weight_decay=0.0),
-        dict(lr=0.02, betas=(0.8, 0.9), damping=0.05, rho=0.5, weight_decay=0.1),
-    ],
-    ids=["plain", "rho+wd"],
-)
-def test_matches_dense_reference(dtype, tau, curvature_source, hp):
-    groups, thetas, _ = run_pair(dtype, curvature_source, [dict(hp, tau=tau)], steps=3 * tau + 4)
-    for p, ref in zip(groups[0]["params"], thetas[0]):
+@pytest.mark.parametrize("tau", [1, 4])
+@pytest.mark.parametrize("lever", LEVERS)
+@pytest.mark.parametrize("mode", ["mc", "empirical"])
+def test_optimizer_matches_dense_reference(dtype, tau, lever, mode):
+    params, thetas, opt = run_pair(dtype, mode, dict(BASE, tau=tau, **LEVERS[lever]), steps=3 * tau + 4)
+    for p, theta in zip(params, thetas):
         assert p.dtype == dtype
-        assert relative_error(p.detach(), ref.view(p.shape)) <= TOLERANCE[dtype], p.shape
+        assert relative_error(p.detach(), theta) <= TOLERANCE[dtype], (p.shape, relative_error(p.detach(), theta))
 
 
 @pytest.mark.parametrize("tau", [1, 4])
-def test_small_damping_float64(tau):
-    """The released default damping (1e-5) is exact in float64 too."""
-    hp = dict(lr=1e-3, betas=(0.9, 0.99), tau=tau, damping=1e-5, rho=1.0, weight_decay=0.0)
-    groups, thetas, _ = run_pair(torch.float64, "explicit", [hp], steps=3 * tau + 4)
-    for p, ref in zip(groups[0]["params"], thetas[0]):
-        assert relative_error(p.detach(), ref.view(p.shape)) <= 1e-6
+def test_paper_damping_float64(tau):
+    """The released damping (1e-5) is exact in float64. (In float32, G^-1 = m / gamma - ... cancels
+    like eps * s / gamma, so its float32 results are checked with a damping of 0.1 above.)"""
+    hp = dict(BASE, tau=tau, damping=1e-5, rho=1.0, lr=1e-3)
+    params, thetas, _ = run_pair(torch.float64, "mc", hp, steps=3 * tau + 4)
+    for p, theta in zip(params, thetas):
+        assert relative_error(p.detach(), theta) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("lever", ["paper", "recommended"])
+def test_every_backend_matches_dense_reference(backend, lever):
+    params, thetas, _ = run_pair(torch.float32, "mc", dict(BASE, tau=4, **LEVERS[lever]), steps=16, backend=backend)
+    for p, theta in zip(params, thetas):
+        assert relative_error(p.detach(), theta) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("lever", LEVERS)
+def test_reference_step_matches_dense_reference(lever):
+    """``functional.ginger`` itself, the fast step's oracle, against the dense oracle, in float64."""
+    hp = dict(BASE, tau=3, **LEVERS[lever])
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    states = [F.init_state(p, 3, hp["blocks"], torch.float64) for p in params]
+    hyper = F.Hyper(lr=hp["lr"], beta2=hp["betas"][1], damping=hp["damping"], relative_damping=hp["relative_damping"],
+                    power=hp["power"], rho=hp["rho"], weight_decay=hp["weight_decay"],
+                    bias_correction=hp["bias_correction"], blocks=hp["blocks"])
+    dense = DenseGinger(SHAPES, **hp)
+    thetas = [p.reshape(-1).clone() for p in params]
+    for _ in range(13):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        curvs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        thetas = dense.step(thetas, grads, curvs)
+        F.ginger(params, grads, curvs, states, [hyper] * len(params), beta1=hp["betas"][0])
+    for p, theta in zip(params, thetas):
+        assert relative_error(p, theta) <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("curvature_source", ["gradient", "explicit"])
-@pytest.mark.parametrize("beta1_second", [0.7, 0.9])  # 0.9: both groups share one fused call
-def test_two_param_groups_with_their_own_hyperparameters(dtype, curvature_source, beta1_second):
-    hps = [
-        dict(lr=0.05, betas=(0.9, 0.99), tau=2, damping=0.1, rho=None, weight_decay=0.0),
-        dict(lr=0.01, betas=(beta1_second, 0.9), tau=3, damping=0.3, rho=0.2, weight_decay=0.05),
-    ]
-    groups, thetas, opt = run_pair(dtype, curvature_source, hps, steps=13, seed=1)
-    for g, ref_thetas, hp in zip(groups, thetas, hps):
-        for p, ref in zip(g["params"], ref_thetas):
-            assert relative_error(p.detach(), ref.view(p.shape)) <= TOLERANCE[dtype]
-            assert opt.state[p]["U"].shape[0] == min(hp["tau"], p.numel())
+def test_two_param_groups_with_their_own_hyperparameters(dtype):
+    """Groups that differ in every lever (and in beta1) step as the dense oracle of each says."""
+    hps = [dict(BASE, tau=2, **LEVERS["recommended"]), dict(BASE, tau=3, **LEVERS["rho and weight decay"])]
+    gen = torch.Generator().manual_seed(1)
+    groups = [dict(params=[torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
+                           for s in SHAPES], **hp) for hp in hps]
+    opt = Ginger(groups, curvature="mc")
+    denses = [DenseGinger(SHAPES, **hp) for hp in hps]
+    thetas = [[p.detach().double().reshape(-1).clone() for p in g["params"]] for g in groups]
+    for _ in range(13):
+        for i, g in enumerate(groups):
+            grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in g["params"]]
+            curvs = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in g["params"]]
+            for p, gr, c in zip(g["params"], grads, curvs):
+                p.grad, p.curvature = gr.to(dtype), c.to(dtype)
+            thetas[i] = denses[i].step(thetas[i], grads, curvs)
+        opt.step()
+    for g, ref in zip(groups, thetas):
+        for p, theta in zip(g["params"], ref):
+            assert relative_error(p.detach(), theta) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("interval", [2, 3])
-def test_curvature_interval_refreshes_on_steps_1_plus_multiples(interval):
-    hp = dict(lr=0.05, betas=(0.9, 0.9), tau=2, damping=0.1, rho=None, weight_decay=0.0)
-    groups, thetas, _ = run_pair(torch.float64, "explicit", [hp], steps=11, interval=interval, seed=2)
-    for p, ref in zip(groups[0]["params"], thetas[0]):
-        assert relative_error(p.detach(), ref.view(p.shape)) <= 1e-6
+@pytest.mark.parametrize("lever", ["paper", "recommended"])
+def test_curvature_interval_refreshes_on_steps_1_plus_multiples(interval, lever):
+    params, thetas, _ = run_pair(torch.float64, "mc", dict(BASE, tau=2, **LEVERS[lever]), steps=11,
+                                 interval=interval, seed=2)
+    for p, theta in zip(params, thetas):
+        assert relative_error(p.detach(), theta) <= TOLERANCE[torch.float64]
 
 
 def test_curvature_interval_needs_no_curvature_between_refreshes():

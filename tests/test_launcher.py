@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import free_port
 
 SCRIPT = textwrap.dedent(
     """
@@ -67,9 +67,7 @@ def test_launcher_runs_a_module_and_the_script_alone_rejects_ginger(tmp_path, sc
 
 @pytest.mark.slow
 def test_launcher_under_torchrun(tmp_path, script):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "ginger_hf.run", str(script), "--output_dir", str(tmp_path / "o"), "--ddp_backend", "gloo", *ARGS]
     out = run(cmd, tmp_path, timeout=600)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
-from tiny_hf import COMMON_ARGS, seq2seq_data, tiny_t5
+from helpers import COMMON_ARGS, seq2seq_data, tiny_t5
 from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
 from ginger_hf import Ginger, set_curvature, unwrap_ginger

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ginger_hf import Ginger, state_bytes
+from ginger_hf import PRESETS, Ginger, state_bytes
 
 BAD_ARGUMENTS = [
     (dict(tau=0), ValueError, "tau must be an integer >= 1"),
@@ -22,10 +22,20 @@ BAD_ARGUMENTS = [
     (dict(curvature="fisher"), ValueError, r"curvature must be one of \('mc', 'empirical'\)"),
     (dict(curvature_interval=0), ValueError, "curvature_interval must be an integer >= 1"),
     (dict(state_dtype=torch.int32), TypeError, "state_dtype must be None or a floating"),
+    (dict(blocks="column"), ValueError, r"blocks must be one of \('tensor', 'row'\)"),
+    (dict(power=0.0), ValueError, r"power must be in \(0, 1\]"),
+    (dict(power=2), ValueError, r"power must be in \(0, 1\]"),
+    (dict(relative_damping=-0.1), ValueError, "relative_damping must be a finite float >= 0"),
+    (dict(bias_correction="yes"), TypeError, "bias_correction must be True or False"),
+]
+CONSTRUCTOR_ONLY = [
+    (dict(preset="adam"), ValueError, r"preset must be one of \('recommended', 'paper'\)"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(curvature_scale="sum"), ValueError, r"curvature_scale must be one of \('mean', 'sqrt'\)"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,error,message", BAD_ARGUMENTS)
+@pytest.mark.parametrize("kwargs,error,message", BAD_ARGUMENTS + CONSTRUCTOR_ONLY)
 def test_bad_arguments_are_refused_with_the_allowed_values(kwargs, error, message):
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(error, match=message):
@@ -108,7 +118,7 @@ def test_state_dict_round_trip_is_bit_identical(curvature, tmp_path):
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(straight.parameters(), resumed.parameters()):
-        for key in ("m", "U", "s"):
+        for key in ("m", "U", "s", "R", "e"):
             assert torch.equal(opt.state[a][key], opt2.state[b][key])
 
 
@@ -121,7 +131,7 @@ def test_load_state_dict_keeps_float32_state_of_bf16_parameters():
     q = torch.nn.Parameter(p.detach().clone())
     opt2 = Ginger([q], curvature="empirical")
     opt2.load_state_dict(opt.state_dict())
-    for key in ("m", "U", "s"):
+    for key in ("m", "U", "s", "R", "e"):
         assert opt2.state[q][key].dtype == opt.state[p][key].dtype
         assert torch.equal(opt2.state[q][key], opt.state[p][key])
     assert opt2.state[q]["s"].dtype == torch.float64
@@ -129,20 +139,39 @@ def test_load_state_dict_keeps_float32_state_of_bf16_parameters():
 
 @pytest.mark.parametrize("state_dtype", [None, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("tau", [1, 4])
-def test_state_bytes_match_the_documented_formula(state_dtype, tau):
+@pytest.mark.parametrize("blocks", ["tensor", "row"])
+def test_state_bytes_match_the_documented_formula(state_dtype, tau, blocks):
+    """(n + 1) d numbers of the state dtype (m, U), and float64 s, R, e per block: n + n^2 + 1."""
     torch.manual_seed(0)
     shapes = [(), (3,), (7, 5), (2, 3, 4)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = Ginger(params, tau=tau, state_dtype=state_dtype, curvature="empirical")
+    opt = Ginger(params, tau=tau, state_dtype=state_dtype, curvature="empirical", blocks=blocks)
     for p in params:
         p.grad = torch.randn(p.shape)
     opt.step()
     itemsize = (state_dtype or torch.float32).itemsize
-    expected = sum((min(tau, p.numel()) + 1) * p.numel() * itemsize + 8 * (min(tau, p.numel()) + min(tau, p.numel()) ** 2)
-                   for p in params)
+    expected = 0
+    for p in params:
+        B = p.shape[0] if blocks == "row" and p.dim() >= 2 else 1
+        n = min(tau, p.numel() // B)
+        expected += (n + 1) * p.numel() * itemsize + 8 * B * (n + n * n + 1)
     measured = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     assert measured == expected == opt.state_bytes()
-    assert expected == sum(state_bytes(p.numel(), tau, state_dtype or torch.float32) for p in params)
+    assert expected == sum(state_bytes(p.shape, tau, blocks, state_dtype or torch.float32) for p in params)
+
+
+def test_the_default_is_the_recommended_preset_and_the_paper_is_one_argument_away():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    default, paper = Ginger([p]), Ginger([p], preset="paper")
+    keys = ("betas", "tau", "blocks", "power", "damping", "relative_damping", "rho", "bias_correction", "curvature",
+            "curvature_interval")
+    assert {k: default.defaults[k] for k in keys} == {k: PRESETS["recommended"][k] for k in keys}
+    assert {k: paper.defaults[k] for k in keys} == dict(betas=(0.9, 0.99), tau=4, blocks="tensor", power=1.0,
+                                                      damping=1e-5, relative_damping=0.0, rho=1.0, bias_correction=False,
+                                                      curvature="mc", curvature_interval=1)  # GINGER.md section 5
+    assert paper.curvature_scale == "sqrt" and default.curvature_scale == PRESETS["recommended"]["curvature_scale"]
+    mixed = Ginger([p], preset="paper", rho=None, tau=2)  # an explicit argument beats the preset
+    assert mixed.defaults["rho"] is None and mixed.defaults["tau"] == 2 and mixed.defaults["damping"] == 1e-5
 
 
 def test_per_group_overrides_take_effect():

@@ -16,17 +16,6 @@ from ginger_hf.distributed import check_model_supported, check_not_sharded
 SUPPORTED = "distributed data parallel"
 
 
-@pytest.fixture
-def one_process_group():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = dist.TCPStore("127.0.0.1", port, 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _raises_sharded(fn, kind: str):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_hf import (
+from helpers import (
     COMMON_ARGS, causal_data, classification_data, seq2seq_data, tiny_gpt2, tiny_gpt2_classifier, tiny_llama, tiny_t5,
 )
 from transformers import (

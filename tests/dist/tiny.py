@@ -6,30 +6,24 @@ Used in-process by tests and by the torchrun workers in this folder.
 
 from __future__ import annotations
 
-import socket
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
-from transformers import T5Config, T5ForConditionalGeneration
 
 import ginger_hf
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+from helpers import free_port  # noqa: E402,F401  (re-exported for the workers)
+from helpers import tiny_t5 as _tiny_t5  # noqa: E402
 
 VOCAB = 48
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tiny_t5(seed: int = 0, dropout: float = 0.1) -> T5ForConditionalGeneration:
-    config = T5Config(
-        vocab_size=VOCAB, d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1,
-        dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-    )
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config)
+def tiny_t5(seed: int = 0, dropout: float = 0.1):
+    """The distributed tests' T5: one block each side, 16 wide, with dropout."""
+    return _tiny_t5(seed, vocab=VOCAB, d_model=16, layers=1, heads=2, dropout=dropout)
 
 
 def make_data(n: int, seed: int = 0, src_len: int = 10, tgt_len: int = 6) -> list[dict[str, torch.Tensor]]:

@@ -1,6 +1,11 @@
-"""Tiny transformers models and learnable toy data for the Trainer / LoRA / launcher tests (CPU, seconds)."""
+"""Everything the tests share: tiny transformers models, toy data, a free port, state checks (CPU, seconds).
+
+Imported in-process by the tests and by the torchrun workers in ``tests/dist``.
+"""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
@@ -8,13 +13,36 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 VOCAB = 100
 
 
-def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
+def tiny_t5(seed: int = 0, *, vocab: int = VOCAB, d_model: int = 32, layers: int = 2, heads: int = 4,
+            dropout: float = 0.0) -> T5ForConditionalGeneration:
+    """A T5 of ``layers`` + ``layers`` blocks, ``d_model`` wide, seeded."""
     config = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0,
+        vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers, num_decoder_layers=layers,
+        num_heads=heads, dropout_rate=dropout, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )
+    torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def orthonormality_error(state: dict) -> float:
+    """Largest deviation from orthonormal of any block's eigenbasis ``R U`` (the basis the model uses)."""
+    B, n = state["s"].shape
+    U = state["U"].double().reshape(n, B, -1).transpose(0, 1)
+    E = state["R"].double() @ U
+    eye = torch.eye(n, dtype=torch.float64)
+    return (E @ E.mT - eye).abs().max().item() if n else 0.0
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().reshape(-1), b.double().reshape(-1)
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def _gpt2_config(**kw) -> GPT2Config:

@@ -1,0 +1,62 @@
+"""The small refresh problem: the C++ solve (CPU) against the torch solve (GPU and fallback), block by block."""
+
+import pytest
+import torch
+
+from ginger_hf import kernel, solve
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="needs the C++ kernel (no compiler found)")
+
+
+def random_blocks(N, n, k, seed, *, in_span=0.0, far_from_orthonormal=False):
+    """Pass-1 sums of random blocks: basis rows, curvature and momentum vectors, and their small state."""
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(N, k, n, generator=gen, dtype=torch.float64))[0].mT
+    if far_from_orthonormal:
+        U = U * (1 + 0.3 * torch.rand(N, n, 1, generator=gen, dtype=torch.float64))
+    c = torch.randn(N, k, generator=gen, dtype=torch.float64)
+    if in_span:
+        inside = (U.mT @ torch.randn(N, n, 1, generator=gen, dtype=torch.float64))[..., 0]
+        c = inside + in_span * inside.norm(dim=1, keepdim=True) * c / c.norm(dim=1, keepdim=True)
+    m = torch.randn(N, k, generator=gen, dtype=torch.float64)
+    layout = solve.StatsLayout(n)
+    S = torch.zeros(N, layout.width, dtype=torch.float64)
+    layout.view(S, "gram").copy_(U @ U.mT)
+    layout.view(S, "uc").copy_((U @ c[..., None])[..., 0])
+    layout.view(S, "um").copy_((U @ m[..., None])[..., 0])
+    for name, value in (("cc", c * c), ("cm", c * m), ("mm", m * m), ("gg", m * m)):
+        layout.view(S, name).copy_(value.sum(-1))
+    Q = torch.linalg.qr(torch.randn(N, n, n, generator=gen, dtype=torch.float64))[0]
+
+    def full(v):
+        return torch.full((N,), v, dtype=torch.float64)
+
+    blocks = solve.Blocks(
+        s=torch.rand(N, n, generator=gen, dtype=torch.float64).sort(-1).values, R=Q,
+        e=torch.rand(N, generator=gen, dtype=torch.float64), k=full(k), beta2=full(0.95), damping=full(1e-3),
+        relative_damping=full(0.1), power=full(0.5), debias=full(0.6), momentum_debias=full(0.5),
+        tolerance=full(solve.in_span_tolerance(torch.float64)))
+    return blocks, layout, S
+
+
+@pytest.mark.parametrize("n", [1, 4, 10])
+@pytest.mark.parametrize("case", ["random", "in-span", "nearly-in-span", "zero", "not-orthonormal"])
+def test_cpp_solve_matches_torch_solve(n, case):
+    k = n + 7
+    blocks, layout, S = random_blocks(64, n, k, seed=n, in_span={"in-span": 1e-12, "nearly-in-span": 1e-4}.get(case, 0.0),
+                                      far_from_orthonormal=case == "not-orthonormal")
+    if case == "zero":
+        for name in ("uc", "cc", "cm"):
+            layout.view(S, name).zero_()
+    ref = solve.solve_refresh(blocks, layout, S)
+    out = kernel.solve_refresh(blocks, layout, solve.CoefLayout(n), S)
+    assert torch.equal(out["rotate"], ref["rotate"])
+    assert bool(ref["rotate"].any()) == (case not in ("in-span", "zero"))
+    # near the span the reflection's coefficients scale like 1/r: rounding differences grow like eps/r^2
+    tol = 1e-7 if case == "nearly-in-span" else 1e-10
+    for name in ("s", "e", "a", "bt", "nu", "nu_c", "ab", "scale", "update_sq", "span_sq"):
+        scale = ref[name].abs().max().clamp_min(1e-300)
+        assert (out[name] - ref[name]).abs().max() <= tol * scale, name
+    # R is determined up to rotations within equal eigenvalues: compare the models R^T diag(s) R
+    model = lambda o: o["R"].mT @ (o["s"][..., None] * o["R"])  # noqa: E731
+    assert (model(out) - model(ref)).abs().max() <= 1e-10 * model(ref).abs().max()
