@@ -3,6 +3,11 @@
 A forward hook adds each training micro-batch's sampled-label curvature vector
 (``ginger_hf.curvature``) at the end of the forward pass, before the Trainer's backward:
 the forward pass is shared, and one extra ``autograd.grad`` runs on refresh steps only.
+
+That extra ``autograd.grad`` is why two setups are refused here: ``torch.nn.DataParallel``
+replicas (the hook would run in several threads at once, adding to the same vectors) and
+reentrant activation checkpointing (which cannot take ``.grad()``; the non-reentrant kind,
+transformers' default, can, and gives the same vectors).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import nn
 
 from .comm import world_size
 from .curvature import add_sampled_label_curvature
+from .distributed import DATA_PARALLEL, global_label_count
 from .optimizer import Ginger
 
 __all__ = ["SampledLabelCurvatureHook", "attach_curvature_hook", "check_loss_kind"]
@@ -25,6 +31,15 @@ def _not_softmax_ce(what: str) -> ValueError:
         f"Ginger curvature='mc' samples labels from softmax(logits), so it needs a softmax cross-entropy model; {what}. "
         "Use --optim_args curvature=empirical for this model."
     )
+
+
+REENTRANT_CHECKPOINTING = (
+    "Ginger curvature='mc' takes a second gradient of each forward pass with torch.autograd.grad, which "
+    "reentrant activation checkpointing (use_reentrant=True) does not support. Use the non-reentrant kind: "
+    "TrainingArguments(gradient_checkpointing_kwargs={\"use_reentrant\": False}) (or on the command line "
+    "--gradient_checkpointing_kwargs '{\"use_reentrant\": false}'; transformers' default when the kwargs are "
+    "omitted), or --optim_args curvature=empirical."
+)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -68,21 +83,27 @@ class SampledLabelCurvatureHook:
     ``curvature_interval`` skips pay nothing. Logits are aligned with the labels the way
     the model's loss aligns them: unchanged for seq2seq LMs (T5), token and sequence
     classification; shifted by one for causal LMs (or ``shift_labels`` when given).
-    ``num_items`` is the Trainer's ``num_items_in_batch`` (label positions of the whole
-    optimizer step, on all ranks with the default ``average_tokens_across_devices``) when it
-    reaches the forward pass (models that take loss kwargs), else an estimate: this
-    micro-batch's count times ``gradient_accumulation_steps`` times the number of ranks.
+    ``num_items`` (the curvature's N) must count the label positions of the whole optimizer
+    step on all ranks. It is the Trainer's ``num_items_in_batch`` when that reaches the forward
+    pass (models that take loss kwargs): already over all ranks with the default
+    ``average_tokens_across_devices=True``; with ``False`` it counts this rank only
+    (``counts_all_ranks=False``), so the hook sums it over the ranks (one scalar all-reduce).
+    Without ``num_items_in_batch`` it is an estimate: this micro-batch's count times
+    ``gradient_accumulation_steps`` times the number of ranks.
     """
 
-    def __init__(self, optimizer: Ginger, shift_labels: bool, accumulation_steps: int):
+    def __init__(self, optimizer: Ginger, shift_labels: bool, accumulation_steps: int, counts_all_ranks: bool = True):
         self.optimizer = weakref.ref(optimizer)
         self.shift_labels = shift_labels
         self.accumulation_steps = accumulation_steps
+        self.counts_all_ranks = counts_all_ranks
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         optimizer = self.optimizer()
         if optimizer is None or not module.training or not torch.is_grad_enabled() or not optimizer.needs_curvature():
             return
+        if getattr(module, "_is_replica", False):  # what DataParallel's replicate() marks its copies with
+            raise RuntimeError(f"Ginger curvature='mc': {DATA_PARALLEL}")
         labels = kwargs.get("labels")
         if labels is None:
             raise ValueError(
@@ -106,22 +127,36 @@ class SampledLabelCurvatureHook:
                 f"logits of shape {tuple(logits.shape)} do not hold one class distribution per label "
                 f"(labels of shape {tuple(labels.shape)})"
             )
+        group = optimizer.curvature_group
         num_items = kwargs.get("num_items_in_batch")
         if num_items is None:  # an estimate: exact when every micro-batch (and rank) has as many labels
-            ranks = world_size(optimizer.curvature_group)
-            num_items = int((labels != -100).sum()) * self.accumulation_steps * ranks
+            num_items = int((labels != -100).sum()) * self.accumulation_steps * world_size(group)
+        elif not self.counts_all_ranks and world_size(group) > 1:
+            num_items = global_label_count(num_items, group)
         scaler = getattr(optimizer, "grad_scaler", None)  # fp16: scale like the loss (GingerAmpCallback)
-        add_sampled_label_curvature(logits, labels.to(logits.device), optimizer, num_items=num_items, grad_scaler=scaler)
+        try:
+            add_sampled_label_curvature(logits, labels.to(logits.device), optimizer, num_items=num_items,
+                                        grad_scaler=scaler)
+        except RuntimeError as exc:
+            if "use_reentrant=True" in str(exc):  # torch's message from a reentrant checkpoint's backward
+                raise RuntimeError(REENTRANT_CHECKPOINTING) from exc
+            raise
 
 
 _HOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> hook handle (one Ginger hook per model)
 
 
-def attach_curvature_hook(model: nn.Module, optimizer: Ginger, accumulation_steps: int) -> SampledLabelCurvatureHook:
-    """Install (or replace) the sampled-label curvature hook of ``model`` for ``optimizer``."""
+def attach_curvature_hook(
+    model: nn.Module, optimizer: Ginger, accumulation_steps: int, counts_all_ranks: bool = True
+) -> SampledLabelCurvatureHook:
+    """Install (or replace) the sampled-label curvature hook of ``model`` for ``optimizer``.
+
+    ``counts_all_ranks``: the Trainer's ``average_tokens_across_devices`` (whether its
+    ``num_items_in_batch`` already counts the labels of every rank).
+    """
     previous = _HOOKS.pop(model, None)
     if previous is not None:
         previous.remove()
-    hook = SampledLabelCurvatureHook(optimizer, _loss_shifts_labels(model), accumulation_steps)
+    hook = SampledLabelCurvatureHook(optimizer, _loss_shifts_labels(model), accumulation_steps, counts_all_ranks)
     _HOOKS[model] = model.register_forward_hook(hook, with_kwargs=True)
     return hook

@@ -20,9 +20,14 @@ one process would compute on the whole batch, just as DDP's averaged gradient of
 per-rank mean losses is the whole-batch gradient. (A mean of independent
 zero-mean vectors would shrink ``c c^T`` by the world size.)
 
+The same sum needs ``num_items`` = the label count on all ranks; ``global_label_count``
+sums a per-rank count when that is all a caller has (the Trainer with
+``average_tokens_across_devices=False``).
+
 Sharded parameters (FSDP flat parameters, DTensor, DeepSpeed ZeRO partitions)
 are out of scope: each rank would see a slice of a tensor and compute a wrong
-curvature model, so ``check_not_sharded`` raises instead.
+curvature model, so ``check_not_sharded`` raises instead. ``torch.nn.DataParallel`` is
+refused too (``DATA_PARALLEL`` says why).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from .comm import SUPPORTED, check_not_sharded, world_size
 from .optimizer import unwrap_ginger
 
 __all__ = [
+    "DATA_PARALLEL",
+    "global_label_count",
     "sync_curvature",
     "trainer_curvature_group",
     "check_not_sharded",
@@ -45,8 +52,19 @@ __all__ = [
 ]
 
 
+DATA_PARALLEL = (
+    "torch.nn.DataParallel (several GPUs in one process, what the Trainer does when a process sees several GPUs) "
+    "is not supported: its replicas run the forward pass in parallel threads, so each would add a sampled-label "
+    "curvature vector to the same tensors at once, with a label count the Trainer only approximates. Use "
+    "distributed data parallel instead, one process per GPU: torchrun --nproc_per_node N (or accelerate "
+    "launch) with the same script, or limit the process to one GPU (CUDA_VISIBLE_DEVICES)."
+)
+
+
 def check_model_supported(model: Any) -> None:
-    """Raise ``TypeError`` for FSDP- or DeepSpeed-wrapped models, and for sharded parameters."""
+    """Raise ``TypeError`` for DataParallel-, FSDP- or DeepSpeed-wrapped models, and for sharded parameters."""
+    if isinstance(model, torch.nn.DataParallel):
+        raise TypeError(f"Ginger: {DATA_PARALLEL}")
     names = {cls.__name__ for cls in type(model).__mro__}
     wrapper = names & {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine"}
     if wrapper:
@@ -91,12 +109,22 @@ def trainer_curvature_group():
     return None
 
 
+def global_label_count(count: int | torch.Tensor, group) -> int:
+    """This rank's label count summed over ``group`` (one scalar all-reduce on every rank)."""
+    device = count.device if isinstance(count, torch.Tensor) else "cpu"
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.as_tensor(count, dtype=torch.float64, device=device).reshape(1).clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return int(round(total.item()))
+
+
 def sync_curvature(optimizer, model) -> bool:
     """Make the Ginger in ``optimizer`` sum ``mc`` curvature over ``model``'s data-parallel group.
 
     Call once after wrapping, e.g. after ``accelerator.prepare(model, optimizer, ...)``.
     Returns whether curvature will be synchronised (``model`` is DDP-wrapped). Raises
-    ``TypeError`` for FSDP / DeepSpeed models or when ``optimizer`` holds no Ginger.
+    ``TypeError`` for DataParallel / FSDP / DeepSpeed models or when ``optimizer`` holds no Ginger.
     """
     ginger = unwrap_ginger(optimizer)
     if ginger is None:

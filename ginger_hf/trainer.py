@@ -4,20 +4,19 @@
 name builds. The handler returns ``TrainerGinger`` (a ``Ginger`` that also takes the model): built
 from the Trainer's decay / no-decay groups, it splits them for ``optim_target_modules``
 and ``lora_blocks`` (``ginger_hf.lora``) and installs the sampled-label curvature hook
-(``ginger_hf.curvature_hook``) on the model in ``mc`` mode.
+(``ginger_hf.curvature_hook``) on the model in ``mc`` mode. A process that sees several GPUs
+would make the Trainer wrap the model in ``torch.nn.DataParallel``: refused up front.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
 
 from .curvature_hook import attach_curvature_hook, check_loss_kind
-from .distributed import trainer_curvature_group
+from .distributed import DATA_PARALLEL, trainer_curvature_group
 from .lora import param_roles, split_param_groups
 from .optim_args import parse_optim_args
 from .optimizer import PRESETS, Ginger, unwrap_ginger
@@ -30,7 +29,9 @@ class TrainerGinger(Ginger):
 
     Same state and ``state_dict`` as ``Ginger``; on top it splits the Trainer's param
     groups (``ginger_hf.lora.split_param_groups``), installs the curvature hook on the
-    model in ``mc`` mode, and with ``log_stats`` collects ``ginger_hf.stats``.
+    model in ``mc`` mode, and with ``log_stats`` collects ``ginger_hf.stats`` (``Ginger.step``
+    records the curvature norm after the data-parallel sum, so every rank logs the same value).
+    ``counts_all_ranks`` is the Trainer's ``average_tokens_across_devices``.
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class TrainerGinger(Ginger):
         hf_model: nn.Module,
         roles: dict[int, tuple[str, str | None]] | None = None,
         accumulation_steps: int = 1,
+        counts_all_ranks: bool = True,
         log_stats: bool = False,
         **kwargs: Any,
     ):
@@ -50,7 +52,7 @@ class TrainerGinger(Ginger):
         if log_stats:
             self.step_stats = {}  # ginger_hf.stats
         if any(g["curvature"] == "mc" and g["algorithm"] == "ginger" for g in self.param_groups):
-            attach_curvature_hook(hf_model, self, accumulation_steps)
+            attach_curvature_hook(hf_model, self, accumulation_steps, counts_all_ranks)
 
 
 class GingerAmpCallback(TrainerCallback):
@@ -79,6 +81,8 @@ def ginger_handler(ctx) -> tuple[type, dict[str, Any]]:
     options = parse_optim_args(ctx.optim_args)
     if model is None:
         raise ValueError("--optim ginger needs the model (Trainer.create_optimizer passes it)")
+    if args.n_gpu > 1:  # Trainer._wrap_model would wrap the model in nn.DataParallel
+        raise RuntimeError(f"--optim ginger: this process sees {args.n_gpu} GPUs. {DATA_PARALLEL}")
     # beta1 is the momentum rate in Adam and Ginger alike; --adam_beta2 (Adam's second-moment rate,
     # 0.999 by default) never becomes Ginger's curvature EMA: that comes from optim_args or the preset.
     beta1, beta2 = options.pop("betas", (args.adam_beta1, PRESETS[options.get("preset", "recommended")]["betas"][1]))
@@ -91,6 +95,7 @@ def ginger_handler(ctx) -> tuple[type, dict[str, Any]]:
         "hf_model": model,
         "roles": param_roles(model, args.optim_target_modules, lora_blocks),
         "accumulation_steps": args.gradient_accumulation_steps,
+        "counts_all_ranks": args.average_tokens_across_devices,
         "log_stats": options.pop("log_stats", False),
         **options,
     }

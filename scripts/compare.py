@@ -1,16 +1,20 @@
 #!/usr/bin/env python
-"""The main job: Ginger against first-order optimizers on the offline proxy task.
+"""The main job: Ginger against first-order optimizers on the offline proxy tasks.
 
-    python scripts/compare.py                       # offline default (ginger, adamw)
-    python scripts/compare.py --optimizers ginger,adamw,adafactor --output-dir outputs/compare3
+    python scripts/compare.py                                  # offline default: scratch, ginger vs adamw
+    python scripts/compare.py --task finetune --optimizers ginger,ginger_paper,adamw,adafactor
+    python scripts/compare.py --task lora --output-dir outputs/compare_lora
 
-Each optimizer trains a fresh small T5 (same seed, init, data order, steps and lr
-schedule) on the bundled debsum sample at its default learning rate for this task
-(``ginger_hf.proxy.DEFAULT_LR``, picked by scripts/sweep_lr.py) with the stock
-Seq2SeqTrainer, then is evaluated: eval loss on the validation sample, and ROUGE of
-greedy generations on its first ``--rouge-size`` rows. Writes ``report.json`` (one
-object per optimizer), ``report.md`` (the table, also printed) and ``curves.png``
-(eval loss against step and against training wall time) to ``--output-dir``.
+Tasks (``ginger_hf.proxy.TASKS``): ``scratch`` trains a fresh small T5; ``finetune`` and
+``lora`` start from the span-corruption pre-trained one (``scripts/pretrain_t5.py``), fully
+or with LoRA through peft. Each optimizer gets the same seed, init, data order, steps and
+lr schedule, at its learning rate for the task (``ginger_hf.proxy.TASK_LR``, picked by
+scripts/sweep_lr.py), with the stock Seq2SeqTrainer; then eval loss on the validation
+sample, and ROUGE of greedy generations on its first ``--rouge-size`` rows. Writes
+``report.json`` (one object per optimizer), ``report.md`` (the table, also printed) and
+``curves.png`` (eval loss against step and against training wall time) to ``--output-dir``.
+The table's "at equal time" column is each optimizer's eval loss when the fastest one had
+finished (linear between its evaluations, every tenth of the run).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ginger_hf import kernel, proxy  # noqa: E402
 
 TINY_MODEL = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
 COLUMNS = [("optimizer", "optimizer", "{}"), ("lr", "lr", "{:g}"), ("eval loss", "eval_loss", "{:.3f}"),
+           ("at equal time", "eval_loss_at_equal_time", "{:.3f}"),
            ("ROUGE-1", "rouge1", "{:.2f}"), ("ROUGE-2", "rouge2", "{:.2f}"), ("ROUGE-L", "rougeL", "{:.2f}"),
            ("s/step", "sec_per_step", "{:.3f}"), ("optimizer state (MB)", "optimizer_state_mb", "{:.1f}")]
 
@@ -39,6 +44,15 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(fmt.format(row[key]) for _, key, fmt in COLUMNS) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def loss_at(curve: list[dict], seconds: float) -> float:
+    """Eval loss at ``seconds`` of training, linear between evaluations (the last one past the end)."""
+    for a, b in zip(curve, curve[1:]):
+        if b["train_seconds"] >= seconds:
+            w = (seconds - a["train_seconds"]) / max(b["train_seconds"] - a["train_seconds"], 1e-12)
+            return a["eval_loss"] + min(max(w, 0.0), 1.0) * (b["eval_loss"] - a["eval_loss"])
+    return curve[-1]["eval_loss"]
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
@@ -75,6 +89,7 @@ def parse_lrs(items: list[str]) -> dict[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=proxy.TASKS, default="scratch")
     p.add_argument("--optimizers", default="ginger,adamw",
                    help=f"comma-separated, from {sorted(proxy.OPTIMIZERS)} (default: ginger,adamw)")
     p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
@@ -84,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=proxy.DEFAULT_BATCH_SIZE)
     p.add_argument("--eval-size", type=int, default=proxy.DEFAULT_EVAL_SIZE, help="validation rows for eval loss")
     p.add_argument("--rouge-size", type=int, default=proxy.DEFAULT_ROUGE_SIZE, help="validation rows generated for ROUGE")
-    p.add_argument("--eval-steps", type=int, default=None, help="default: max-steps / 5")
+    p.add_argument("--eval-steps", type=int, default=None, help="default: max-steps / 10")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a 1+1-layer d_model 64 T5 (for tests and smoke runs)")
+    p.add_argument("--pretrained", type=Path, default=proxy.PRETRAINED_DIR,
+                   help="the pre-trained T5 of the finetune and lora tasks (scripts/pretrain_t5.py)")
     return p
 
 
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--optimizers: unknown {bad or names}; choose from {sorted(proxy.OPTIMIZERS)}")
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-    lrs = {**proxy.DEFAULT_LR, **parse_lrs(args.lr)}
+    lrs = {**proxy.TASK_LR[args.task], **parse_lrs(args.lr)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = proxy.load_tokenizer()
@@ -106,23 +123,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train_rows = min(len(raw["train"]), args.max_steps * args.batch_size)
     data = proxy.tokenize_splits(raw, tokenizer, {"train": train_rows, "validation": args.eval_size})
 
-    if "ginger" in names:
+    if any(n.startswith("ginger") for n in names):
         kernel.available()  # build Ginger's CPU kernel (first use only) before any clock starts
 
     rows, start = [], time.perf_counter()
     for name in names:
-        print(f"\n=== {name} (lr {lrs[name]:g}, {args.max_steps} steps) ===", flush=True)
-        rows.append(proxy.run(name, lrs[name], max_steps=args.max_steps, output_dir=args.output_dir / name,
-                              data=data, tokenizer=tokenizer, batch_size=args.batch_size, eval_steps=args.eval_steps,
-                              rouge_size=args.rouge_size, seed=args.seed,
-                              model_overrides=TINY_MODEL if args.tiny else None))
+        print(f"\n=== {args.task}: {name} (lr {lrs[name]:g}, {args.max_steps} steps) ===", flush=True)
+        rows.append(proxy.run(name, lrs[name], task=args.task, max_steps=args.max_steps,
+                              output_dir=args.output_dir / name, data=data, tokenizer=tokenizer,
+                              batch_size=args.batch_size, eval_steps=args.eval_steps, rouge_size=args.rouge_size,
+                              seed=args.seed, model_overrides=TINY_MODEL if args.tiny else None,
+                              pretrained=args.pretrained))
     total = time.perf_counter() - start
+    budget = min(r["train_seconds"] for r in rows)
+    for r in rows:
+        r["eval_loss_at_equal_time"] = loss_at(r["eval_curve"], budget)
 
     (args.output_dir / "report.json").write_text(json.dumps(rows, indent=2))
     table = markdown_table(rows)
     (args.output_dir / "report.md").write_text(
-        f"{table}\n\n{args.max_steps} steps, batch {args.batch_size}, {rows[0]['num_parameters'] / 1e6:.1f}M-parameter T5, "
-        f"eval loss on {args.eval_size} validation rows, ROUGE on {args.rouge_size}; total {total:.0f} s.\n")
+        f"{table}\n\nTask {args.task}: {args.max_steps} steps, batch {args.batch_size}, "
+        f"{rows[0]['num_parameters'] / 1e6:.1f}M-parameter T5 ({rows[0]['trainable_parameters'] / 1e6:.2f}M trained), "
+        f"eval loss on {args.eval_size} validation rows (at equal time: after {budget:.0f} s of training), ROUGE on "
+        f"{args.rouge_size}; total {total:.0f} s.\n")
     plot_curves(rows, args.output_dir / "curves.png")
     print("\n" + table)
     print(f"\nwrote {args.output_dir}/report.json, report.md, curves.png ({total:.0f} s in all)")

@@ -5,7 +5,10 @@ Imported in-process by the tests and by the torchrun workers in ``tests/dist``.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
+from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
@@ -117,3 +120,35 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
     return LlamaForCausalLM(config)
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` imported as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_curvature(model, batches, sampled, *, shift: bool = False, scale: str = "mean") -> dict[str, torch.Tensor]:
+    """The sampled-label curvature vectors of one optimizer step, computed directly: ``model`` run on each
+    micro-batch (``batches``: the model's kwargs), cross-entropy at the labels drawn for it (``sampled``), gradients
+    summed and divided by ``N`` (``"mean"``) or ``sqrt(N)`` (``"sqrt"``), ``N`` the label positions of all batches."""
+    import math
+
+    import torch.nn.functional as F
+
+    params = dict(model.named_parameters())
+    n = sum(int((b["labels"][..., 1:] if shift else b["labels"]).ne(-100).sum()) for b in batches)
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    for batch, labels in zip(batches, sampled):
+        logits = model(**batch).logits
+        logits = logits[:, :-1] if shift else logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+        for (name, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            if g is not None:
+                total[name] += g
+    factor = n if scale == "mean" else math.sqrt(n)
+    return {name: c / factor for name, c in total.items()}

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
-from ginger_hf import proxy
+from ginger_hf import proxy, state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +27,10 @@ def test_compare_writes_report_table_and_plot(compare, tmp_path):
     rows = json.loads((out / "report.json").read_text())
     assert [r["optimizer"] for r in rows] == ["ginger", "adamw"]
     assert [r["lr"] for r in rows] == [proxy.DEFAULT_LR["ginger"], proxy.DEFAULT_LR["adamw"]]
+    assert proxy.DEFAULT_LR is proxy.TASK_LR["scratch"]
     for r in rows:
-        for key in ("eval_loss", "rouge1", "rouge2", "rougeL", "sec_per_step", "optimizer_state_mb"):
+        for key in ("eval_loss", "eval_loss_at_equal_time", "rouge1", "rouge2", "rougeL", "sec_per_step",
+                    "optimizer_state_mb"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
         assert r["sec_per_step"] > 0 and 0 <= r["rouge1"] <= 100 and r["rouge_examples"] == 8
         curve = r["eval_curve"]
@@ -48,17 +41,56 @@ def test_compare_writes_report_table_and_plot(compare, tmp_path):
         assert [p["step"] for p in r["train_loss_curve"]] == [1, 2, 3, 4, 5]
     # Same seed, same init: both start from the same eval loss.
     assert rows[0]["eval_curve"][0]["eval_loss"] == pytest.approx(rows[1]["eval_curve"][0]["eval_loss"], rel=1e-6)
-    # Ginger keeps m and a rank-tau basis (tau=4): (4+1) numbers per parameter vs AdamW's 2.
+    # Ginger keeps m and a rank-tau basis (tau=4): (4+1) numbers per parameter vs AdamW's 2, plus each
+    # row block's small float64 state.
     n = rows[0]["num_parameters"]
     assert rows[1]["optimizer_state_mb"] == pytest.approx(2 * n * 4 / 1e6, rel=0.01)
-    assert rows[0]["optimizer_state_mb"] == pytest.approx(5 * n * 4 / 1e6, rel=0.01)
+    model = proxy.build_model(proxy.load_tokenizer(), **compare.TINY_MODEL)
+    expected = sum(state_bytes(p.shape, 4, "row", torch.float32) for p in model.parameters())
+    assert rows[0]["optimizer_state_mb"] == pytest.approx(expected / 1e6, rel=1e-9)
+    assert rows[0]["optimizer_state_mb"] > 5 * n * 4 / 1e6
+    # The equal-time column reads the slower optimizer's curve at the faster one's training time.
+    budget = min(r["train_seconds"] for r in rows)
+    for r in rows:
+        assert r["eval_loss_at_equal_time"] == pytest.approx(compare.loss_at(r["eval_curve"], budget))
 
     table = (out / "report.md").read_text()
-    assert "| optimizer | lr | eval loss | ROUGE-1 | ROUGE-2 | ROUGE-L |" in table
+    assert "| optimizer | lr | eval loss | at equal time | ROUGE-1 | ROUGE-2 | ROUGE-L |" in table
     for r in rows:
-        assert f"| {r['optimizer']} | {r['lr']:g} | {r['eval_loss']:.3f} | {r['rouge1']:.2f} |" in table
+        assert (f"| {r['optimizer']} | {r['lr']:g} | {r['eval_loss']:.3f} | {r['eval_loss_at_equal_time']:.3f} | "
+                f"{r['rouge1']:.2f} |") in table
     png = (out / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_loss_at_interpolates_between_evaluations(compare):
+    curve = [dict(train_seconds=0.0, eval_loss=8.0), dict(train_seconds=10.0, eval_loss=6.0),
+             dict(train_seconds=30.0, eval_loss=5.0)]
+    assert compare.loss_at(curve, 5.0) == pytest.approx(7.0)
+    assert compare.loss_at(curve, 20.0) == pytest.approx(5.5)
+    assert compare.loss_at(curve, 40.0) == 5.0
+
+
+@pytest.mark.parametrize("task", ["finetune", "lora"])
+def test_compare_runs_the_pretrained_tasks(compare, tmp_path, task):
+    """The shipped span-corruption T5, fine-tuned fully or through peft LoRA (r 8, alpha 32, layer norms trained)."""
+    out = tmp_path / task
+    compare.main(["--task", task, "--optimizers", "ginger,adamw", "--max-steps", "2", "--output-dir", str(out),
+                  "--batch-size", "4", "--eval-size", "8", "--rouge-size", "2", "--eval-steps", "2"])
+    rows = json.loads((out / "report.json").read_text())
+    assert [r["task"] for r in rows] == [task, task]
+    assert [r["lr"] for r in rows] == [proxy.TASK_LR[task]["ginger"], proxy.TASK_LR[task]["adamw"]]
+    n, trained = rows[0]["num_parameters"], rows[0]["trainable_parameters"]
+    if task == "finetune":
+        assert trained == n
+    else:  # LoRA A/B on q, k, v, o of 2 + 2 layers (3 attentions in each decoder layer) plus the layer norms
+        d, r = 128, 8
+        lora = (2 + 2 * 2) * 4 * 2 * d * r
+        norms = (2 * 2 + 1 + 2 * 3 + 1) * d
+        assert trained == lora + norms
+        assert rows[1]["optimizer_state_mb"] == pytest.approx(2 * trained * 4 / 1e6, rel=0.01)
+    for r in rows:
+        assert r["eval_curve"][-1]["eval_loss"] < r["eval_curve"][0]["eval_loss"] + 0.5
 
 
 def test_compare_rejects_unknown_optimizer_before_training(compare, tmp_path):

@@ -14,7 +14,6 @@ from ginger_hf import Ginger, set_curvature, unwrap_ginger
 from ginger_hf.lora import param_roles
 
 
-
 def lora_t5(modules_to_save=None):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], modules_to_save=modules_to_save,
                         task_type="SEQ_2_SEQ_LM")
@@ -46,7 +45,8 @@ def test_only_trainable_lora_params_carry_state(tmp_path):
 
 def test_optim_target_modules_split_ginger_and_adamw(tmp_path):
     model = lora_t5(modules_to_save=["final_layer_norm"])
-    ginger, changed = train(tmp_path, model, "--optim_target_modules", "q|v", "--weight_decay", "0.01")
+    ginger, changed = train(tmp_path, model, "--optim_target_modules", "q|v", "--weight_decay", "0.01",
+                            "--adam_beta2", "0.95")
     names = {id(p): n for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     by_kind = {"ginger": set(), "adamw": set()}
@@ -57,7 +57,8 @@ def test_optim_target_modules_split_ginger_and_adamw(tmp_path):
     assert by_kind["adamw"] == {n for n in trainable if "modules_to_save" in n} and len(by_kind["adamw"]) == 2
     assert changed == trainable
     adamw_groups = [g for g in ginger.param_groups if g["algorithm"] == "adamw"]
-    assert adamw_groups and all((g["initial_lr"], g["eps"], g["betas"]) == (1e-3, 1e-7, (0.9, 0.999)) for g in adamw_groups)
+    # --adam_epsilon feeds the AdamW part; --adam_beta2 never reaches the optimizer (beta2: the preset's)
+    assert adamw_groups and all((g["initial_lr"], g["eps"], g["betas"]) == (1e-3, 1e-7, (0.9, 0.99)) for g in adamw_groups)
     # the layer-norm copies are in the Trainer's no-decay group, LoRA matrices in the decay group
     assert {g["weight_decay"] for g in adamw_groups} == {0.0}
     assert {g["weight_decay"] for g in ginger.param_groups if g["algorithm"] == "ginger"} == {0.01}

@@ -8,10 +8,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import load_script
 from safetensors.torch import load_file
-from transformers import T5Config, T5ForConditionalGeneration
+from transformers import DataCollatorForSeq2Seq, T5Config, T5ForConditionalGeneration
 
 import ginger_hf
 from ginger_hf import proxy
@@ -195,8 +197,50 @@ def test_bundled_sample_and_tokenizer_load_offline():
     assert raw["train"].column_names == ["id", "document", "summary"]
     assert not set(raw["train"]["id"]) & set(raw["validation"]["id"])  # sampled from disjoint source splits
     tokenizer = proxy.load_tokenizer()
-    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, len(tokenizer)) == (0, 1, 2, 4000)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id, len(tokenizer)) == (0, 1, 2, 4032)
+    sentinels = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(32)])
+    assert sentinels == list(range(4000, 4032))  # span-corruption sentinels after the 4,000 pieces
     row = raw["validation"][0]
     ids = tokenizer(row["summary"]).input_ids
     assert ids[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == " ".join(row["summary"].split())
+
+
+def test_span_corruption_hides_spans_behind_sentinels():
+    """scripts/pretrain_t5.py: ~15% of tokens in spans, each replaced by one sentinel; the target lists them."""
+    pretrain = load_script("pretrain_t5")
+    rng = np.random.default_rng(0)
+    ids = list(range(100, 180))
+    sentinels = list(range(4000, 4032))
+    inputs, targets = pretrain.corrupt(ids, sentinels, 1, rng)
+    assert inputs[-1] == targets[-1] == 1
+    used = [t for t in targets if t in sentinels]
+    assert used == sentinels[: len(used)] and [t for t in inputs if t in sentinels] == used
+    hidden = [t for t in targets[:-1] if t not in sentinels]
+    kept = [t for t in inputs[:-1] if t not in sentinels]
+    assert sorted(hidden + kept) == ids and len(hidden) == round(0.15 * len(ids))
+    # rebuilding the text: each sentinel in the input stands for the span after it in the target
+    spans, current = {}, None
+    for t in targets[:-1]:
+        if t in sentinels:
+            current = t
+            spans[t] = []
+        else:
+            spans[current].append(t)
+    rebuilt = [x for t in inputs[:-1] for x in (spans[t] if t in sentinels else [t])]
+    assert rebuilt == ids
+
+
+def test_shipped_pretrained_t5_loads_and_knows_span_corruption():
+    """The finetune/lora tasks' starting point: loads as float32, beats a fresh model on held-out span corruption."""
+    pretrain = load_script("pretrain_t5")
+    tokenizer = proxy.load_tokenizer()
+    model = proxy.load_pretrained()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.config.vocab_size == len(tokenizer)
+    data = pretrain.build_dataset(tokenizer, 1, 123, proxy.MAX_SOURCE_LENGTH).select(range(32))
+    batch = DataCollatorForSeq2Seq(tokenizer, model=model)([data[i] for i in range(32)])
+    with torch.no_grad():
+        trained = model(**batch).loss.item()
+        fresh = proxy.build_model(tokenizer)(**batch).loss.item()
+    assert trained < fresh - 2.0, (trained, fresh)

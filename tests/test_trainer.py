@@ -1,27 +1,25 @@
-"""`--optim ginger` in the stock Trainer / Seq2SeqTrainer: registration, training, sampled-label curvature."""
+"""`--optim ginger` in the stock Trainer / Seq2SeqTrainer: training, optim_args, sampled-label curvature, logs.
+
+Registration itself (lazy, eager, failing) is tested in test_registration.py."""
 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import (
-    COMMON_ARGS, causal_data, classification_data, seq2seq_data, tiny_gpt2, tiny_gpt2_classifier, tiny_llama, tiny_t5,
+    COMMON_ARGS, causal_data, classification_data, reference_curvature, seq2seq_data, tiny_gpt2, tiny_gpt2_classifier,
+    tiny_llama, tiny_t5,
 )
 from transformers import (
     HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments,
 )
-from transformers.training_args import OptimizerNames
-
 import ginger_hf
 import ginger_hf.curvature
 from ginger_hf import get_curvature, unwrap_ginger
 from ginger_hf.optim_args import OPTIM_ARGS, parse_optim_args
 from ginger_hf.trainer import TrainerGinger
-
 
 
 def parse(tmp_path, *argv, cls=TrainingArguments):
@@ -36,18 +34,7 @@ def train_losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-# -- registration and end-to-end training ----------------------------------------------------
-
-
-def test_register_is_idempotent_and_args_accept_ginger(tmp_path):
-    ginger_hf.register()
-    ginger_hf.register()
-    assert [m.value for m in OptimizerNames].count("ginger") == 1
-    assert OptimizerNames("ginger") is OptimizerNames.GINGER
-    assert TrainingArguments(output_dir=str(tmp_path), optim="ginger").optim == OptimizerNames.GINGER
-    assert Seq2SeqTrainingArguments(output_dir=str(tmp_path), optim="ginger").optim == "ginger"
-    with pytest.raises(SystemExit):  # the parser still validates choices
-        parse(tmp_path, "--optim", "gingr")
+# -- end-to-end training ----------------------------------------------------
 
 
 def test_seq2seq_trainer_trains_tiny_t5_from_command_line(tmp_path):
@@ -153,11 +140,15 @@ def test_hyperparameters_come_from_training_arguments(tmp_path):
     assert decay[id(names["transformer.h.0.ln_1.weight"])] == 0.0
     for g in ginger.param_groups:
         assert (g["lr"], g["betas"], g["tau"], g["damping"], g["rho"], g["curvature_interval"]) == (
-            5e-4, (0.8, 0.97), 3, 1e-3, None, 2,
+            5e-4, (0.8, 0.99), 3, 1e-3, None, 2,  # beta2: the preset's, not --adam_beta2 (Adam's second moment)
         )
     args = parse(tmp_path, "--optim", "ginger", "--optim_args", "beta2=0.99", "--adam_beta1", "0.8")
     ginger = unwrap_ginger(Trainer(model=model, args=args, train_dataset=causal_data()).create_optimizer())
-    assert ginger.param_groups[0]["betas"] == (0.8, 0.99)  # optim_args wins over adam_beta2
+    assert ginger.param_groups[0]["betas"] == (0.8, 0.99)
+    args = parse(tmp_path, "--optim", "ginger", "--optim_args", "beta2=0.95", "--adam_beta1", "0.8",
+                 "--adam_beta2", "0.97")
+    ginger = unwrap_ginger(Trainer(model=model, args=args, train_dataset=causal_data()).create_optimizer())
+    assert ginger.param_groups[0]["betas"] == (0.8, 0.95)  # optim_args sets beta2
 
 
 # -- the sampled-label curvature pass -----------------------------------------------------------
@@ -208,7 +199,8 @@ class CaptureBeforeStep(TrainerCallback):
 
 def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls, shift, *extra, steps=3):
     """Train with gradient accumulation 2 and compare each step's curvature vectors with an
-    independent computation: same parameters, same micro-batches, same sampled labels."""
+    independent computation: same parameters, same micro-batches, same sampled labels, and the
+    optimizer's ``curvature_scale`` (``/ N`` or ``/ sqrt(N)``)."""
     model = make_model()
     reference = copy.deepcopy(model)
     batches, sampled = [], []
@@ -230,38 +222,31 @@ def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls
         tmp_path, "--optim", "ginger", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra, cls=Seq2SeqTrainingArguments,
     )
-    trainer_cls(model=model, args=args, train_dataset=data, callbacks=[capture]).train()
+    trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[capture])
+    trainer.train()
+    scale = unwrap_ginger(trainer.optimizer).curvature_scale
     assert len(batches) == len(sampled) == 2 * steps
 
     worst = 0.0
     for step, seen in enumerate(capture.steps):
-        ref_params = dict(reference.named_parameters())
         with torch.no_grad():
-            for name, p in ref_params.items():
+            for name, p in reference.named_parameters():
                 p.copy_(seen["params"][name])
         micro = [2 * step, 2 * step + 1]
-        n = sum(int((batches[i]["labels"][..., 1:] if shift else batches[i]["labels"]).ne(-100).sum()) for i in micro)
-        total = {name: torch.zeros_like(p) for name, p in ref_params.items()}
-        for i in micro:
-            logits = reference(**batches[i]).logits
-            if shift:
-                logits = logits[:, :-1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), sampled[i].reshape(-1), reduction="sum")
-            grads = torch.autograd.grad(loss, list(ref_params.values()), allow_unused=True)
-            for (name, _), g in zip(ref_params.items(), grads):
-                if g is not None:
-                    total[name] += g
-        assert set(seen["curvature"]) == set(ref_params)
+        expected = reference_curvature(reference, [batches[i] for i in micro], [sampled[i] for i in micro],
+                                       shift=shift, scale=scale)
+        assert set(seen["curvature"]) == set(expected)
         for name, c in seen["curvature"].items():
-            expected = total[name] / math.sqrt(n)
-            worst = max(worst, (c - expected).abs().max().item())
+            worst = max(worst, (c - expected[name]).abs().max().item())
         assert sum(c.norm() ** 2 for c in seen["curvature"].values()) ** 0.5 > 0.1
     assert worst < 1e-5, worst
-    return capture
+    return capture, scale
 
 
-def test_trainer_curvature_matches_independent_computation_seq2seq(tmp_path, monkeypatch):
-    run_and_check_curvature(tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False)
+@pytest.mark.parametrize("optim_args,scale", [([], "mean"), (["--optim_args", "curvature_scale=sqrt"], "sqrt")])
+def test_trainer_curvature_matches_independent_computation_seq2seq(tmp_path, monkeypatch, optim_args, scale):
+    _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False, *optim_args)
+    assert used == scale  # "mean" (/ N) is the recommended preset's; "sqrt" (/ sqrt(N)) the paper's
 
 
 def test_trainer_curvature_matches_independent_computation_causal_lm(tmp_path, monkeypatch):
@@ -269,12 +254,47 @@ def test_trainer_curvature_matches_independent_computation_causal_lm(tmp_path, m
 
 
 def test_gradient_clipping_leaves_curvature_unclipped(tmp_path, monkeypatch):
-    capture = run_and_check_curvature(
+    capture, _ = run_and_check_curvature(
         tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False, "--max_grad_norm", "1e-4"
     )
     for seen in capture.steps:
         assert seen["grad_norm"] <= 1.01e-4
         assert sum(c.norm() ** 2 for c in seen["curvature"].values()) ** 0.5 > 1e3 * 1e-4
+
+
+# -- activation (gradient) checkpointing --------------------------------------------------------
+
+
+def curvature_per_step(tmp_path, *extra, steps=3) -> list[dict[str, torch.Tensor]]:
+    capture = CaptureBeforeStep()
+    args = parse(
+        tmp_path, "--optim", "ginger", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra, cls=Seq2SeqTrainingArguments,
+    )
+    Seq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data(), callbacks=[capture]).train()
+    return [seen["curvature"] for seen in capture.steps]
+
+
+def test_non_reentrant_gradient_checkpointing_gives_the_same_curvature(tmp_path):
+    plain = curvature_per_step(tmp_path)
+    checkpointed = curvature_per_step(
+        tmp_path, "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'
+    )
+    assert len(plain) == len(checkpointed) == 3
+    for a, b in zip(plain, checkpointed):
+        assert a.keys() == b.keys() and len(a) == len(list(tiny_t5().parameters()))
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_gradient_checkpointing_is_refused_naming_the_fix(tmp_path):
+    args = parse(tmp_path, "--optim", "ginger", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                 "--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}',
+                 cls=Seq2SeqTrainingArguments)
+    trainer = Seq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data())
+    with pytest.raises(RuntimeError, match="use_reentrant") as err:
+        trainer.train()
+    assert '{"use_reentrant": False}' in str(err.value) and "curvature=empirical" in str(err.value)
 
 
 # -- diagnostics --------------------------------------------------------------------------------
@@ -300,14 +320,3 @@ def test_log_stats_reach_the_trainer_logs(tmp_path):
     trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=causal_data())
     trainer.train()
     assert not any(k.startswith("ginger/") for h in trainer.state.log_history for k in h)
-
-
-def test_register_fails_naming_the_supported_range_when_internals_differ(monkeypatch):
-    from transformers import trainer_optimizer
-
-    from ginger_hf.trainer import SUPPORTED_TRANSFORMERS
-
-    monkeypatch.delattr(trainer_optimizer, "_OPTIMIZER_HANDLERS")
-    with pytest.raises(RuntimeError, match="_OPTIMIZER_HANDLERS") as err:
-        ginger_hf.register()
-    assert SUPPORTED_TRANSFORMERS in str(err.value)
