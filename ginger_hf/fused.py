@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -250,6 +251,8 @@ def ginger(
     beta1: float,
     backend: str | None = None,
     stats: dict[str, float] | None = None,
+    sync: Callable[[list[Tensor], Tensor], tuple[list[Tensor], Tensor]] | None = None,
+    block_lengths: list[int] | None = None,
 ) -> None:
     """One Ginger step for a list of tensors, in place; see ``functional.ginger`` for the contract.
 
@@ -258,6 +261,11 @@ def ginger(
     ``span_sq`` (the part of the update in ``span(U)``), ``grad_sq``, ``clipped``, ``numel``.
     Host synchronisations do not grow with the number of tensors: the sums come to the host
     in one transfer per device, and the decisions are taken there together.
+
+    For sharded tensors (``ginger_hf.sharding``) ``params`` and the states are each rank's
+    slices; ``sync(sums, flags)`` completes the pass-1 sums of blocks that span ranks and the
+    per-tensor counts of non-finite inputs (``flags``, ``(N, 2)``), and ``block_lengths``
+    gives each tensor's whole block length (the scale of relative damping).
     """
     if backend not in BACKENDS:
         raise ValueError(f"ginger: backend must be one of {BACKENDS}, got {backend!r}")
@@ -266,8 +274,8 @@ def ginger(
     w1 = 1 - beta1
     views: list[_Tensor] = []
     for p, g, c, st in zip(params, grads, curvatures, states):
-        B = st["s"].shape[0]
-        k, n = (p.numel() // B if B else 0), st["U"].shape[0]
+        B, n = st["s"].shape[0], st["U"].shape[0]
+        k = p.numel() // B if B else 0
         views.append(_Tensor(U=st["U"].view(n, B, k), m=st["m"].view(B, k), g=_flat(g, B, k),
                              c=None if c is None else _flat(c, B, k), p=p.view(B, k),
                              backend=_pick_backend(backend, p, st, g, c)))
@@ -283,12 +291,15 @@ def ginger(
             _pass1_torch(t, w1, layouts[t.n], out)
     if kernel_jobs:
         _kernel.pass1(kernel_jobs, w1, layouts)
-    sums = _to_host(sums)
 
     # Which tensors step (finite gradient) and which refresh (and a finite curvature vector): one decision.
-    flags = torch.stack([torch.stack([torch.isfinite(layouts[t.n].view(s, "mm")).all(),
-                                      torch.isfinite(layouts[t.n].view(s, "cc")).all()]) for t, s in zip(views, sums)])
-    flags = flags.tolist()
+    bad = torch.stack([torch.stack([~torch.isfinite(layouts[t.n].view(s, "mm")).all(),
+                                    ~torch.isfinite(layouts[t.n].view(s, "cc")).all()]).to(s.device)
+                       for t, s in zip(views, sums)]).to(torch.float64)
+    if sync is not None:
+        sums, bad = sync(sums, bad)
+    sums = _to_host(sums)
+    flags = (bad == 0).tolist()
     applied = [ok for ok, _ in flags]
     refresh = []
     for t, st, (ok, c_ok) in zip(views, states, flags):
@@ -317,7 +328,8 @@ def ginger(
         layout, clay = layouts[n], CoefLayout(n)
         sizes = [views[i].B for i in idx]
         hp = _per_block([hypers[i] for i in idx], sizes)
-        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1)
+        lengths = [views[i].k if block_lengths is None else block_lengths[i] for i in idx]
+        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, lengths)
         S = torch.cat([sums[i] for i in idx])
         if not fresh:
             out = solve_keep(bl, layout, S)
@@ -397,7 +409,7 @@ def _per_block(hypers: list[Hyper], sizes: list[int]) -> dict[str, Tensor]:
     }
 
 
-def _gather_blocks(idx, views, states, hypers, small, hp, beta1) -> Blocks:
+def _gather_blocks(idx, views, states, hypers, small, hp, beta1, lengths) -> Blocks:
     """The small solve's inputs for tensors ``idx`` (their blocks stacked), from host copies ``small``."""
     sizes = torch.tensor([views[i].B for i in idx])
 
@@ -412,7 +424,7 @@ def _gather_blocks(idx, views, states, hypers, small, hp, beta1) -> Blocks:
         s=torch.cat([small[i][0] for i in idx]),
         R=torch.cat([small[i][1] for i in idx]),
         e=torch.cat([small[i][2] for i in idx]),
-        k=rows([views[i].k for i in idx]),
+        k=rows(lengths),
         beta2=hp["beta2"], damping=hp["damping"], relative_damping=hp["relative_damping"], power=hp["power"],
         debias=rows(debias),
         momentum_debias=rows([1 - beta1 ** states[i]["step"] for i in idx]),

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused
+from . import sharding
 from .comm import all_reduce_curvature, check_not_sharded, world_size
 from .pending import clear_curvature, get_curvature
 
@@ -250,9 +251,20 @@ class Ginger(Optimizer):
         param_group = {**param_group, "params": params}
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
-        validate_hyperparameters({**self.defaults, **param_group})  # before anything is added
-        check_not_sharded(params)
+        group = {**self.defaults, **param_group}
+        validate_hyperparameters(group)  # before anything is added
+        self._check_placement(params, group)
         super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_placement(params, group: dict[str, Any]) -> None:
+        """FSDP2 (``Shard(0)`` DTensors) is supported; other sharding is refused with a ``TypeError``."""
+        dtensors = [p for p in params if sharding.is_dtensor(p)]
+        for p in dtensors:
+            sharding.sharding_of(p, group["blocks"])  # raises for other placements and meshes
+        if dtensors and group["joint"]:
+            raise TypeError("Ginger: joint=True blocks (lora_blocks=joint) are not supported with FSDP2 parameters")
+        check_not_sharded([p for p in params if not sharding.is_dtensor(p)])
 
     # -- curvature schedule ------------------------------------------------------------
 
@@ -314,7 +326,11 @@ class Ginger(Optimizer):
                 "ginger_hf.add_sampled_label_curvature(logits, labels, optimizer) (or set "
                 "`param.curvature` yourself), or construct Ginger with curvature='empirical'."
             )
-        if curv.shape != p.shape:
+        if sharding.is_dtensor(p) and not sharding.is_dtensor(curv):  # this rank's slice of an FSDP2 parameter
+            if curv.shape != sharding.local(p).shape:
+                raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != this rank's slice of the "
+                                 f"parameter {tuple(sharding.local(p).shape)}")
+        elif curv.shape != p.shape:
             raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != parameter shape {tuple(p.shape)}")
         return curv
 
@@ -331,7 +347,7 @@ class Ginger(Optimizer):
                 if p.grad.is_sparse:
                     raise TypeError("Ginger does not support sparse gradients; use a dense embedding (sparse=False)")
                 if self._key(p, group) not in self.state:
-                    check_not_sharded((p,))  # accelerate's FSDP swaps param_groups after construction
+                    self._check_placement((p,), group)  # accelerate's FSDP swaps param_groups after construction
                 if p.grad.shape != p.shape:
                     raise ValueError(f"Ginger: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
             entries = []
@@ -385,7 +401,11 @@ class Ginger(Optimizer):
             return state
         if not state:
             blocks = "tensor" if group["joint"] else group["blocks"]
-            state.update(F.init_state(target, group["tau"], blocks, dtype))
+            placed = sharding.sharding_of(key, blocks)
+            if placed is None:
+                state.update(F.init_state(target, group["tau"], blocks, dtype))
+            else:
+                state.update(sharding.init_sharded_state(key, placed, group["tau"], blocks, dtype))
         return state
 
     @torch.no_grad()
@@ -395,6 +415,8 @@ class Ginger(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._only_initializing():
+            return loss
         plan = self._collect()
         self._sync_curvature(plan)
         if self.step_stats is not None:
@@ -406,7 +428,7 @@ class Ginger(Optimizer):
         # Ginger tensors of all groups that share beta1 go through one fused call (one batched
         # solve per rank, one kernel call per pass); every other hyper-parameter goes per tensor.
         calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        joints = []
+        joints, sharded = [], []
         for group, entries in plan:
             beta1, beta2 = group["betas"]
             for key, params, g, c in entries:
@@ -416,6 +438,14 @@ class Ginger(Optimizer):
                     self._adamw_step(key, g, state, group)
                     continue
                 call = calls[beta1]
+                placed = sharding.sharding_of(key, group["blocks"])
+                if placed is not None:  # FSDP2: this rank's slices; the sharded state keeps its counters
+                    view = sharding.local_state(state)
+                    sharded.append((state, view))
+                    target, g, c, state = sharding.local(key), sharding.local(g), sharding.local(c), view
+                    call["group"] = placed.group
+                call["spans"].append(placed is not None and placed.spans)
+                call["block_lengths"].append(placed.block_numel if placed is not None else None)
                 call["params"].append(target)
                 call["grads"].append(g)
                 call["curvatures"].append(c)
@@ -427,13 +457,42 @@ class Ginger(Optimizer):
                 if group["joint"]:
                     joints.append((target, params))
         for beta1, call in calls.items():
+            sync, lengths = None, None
+            if "group" in call:
+                sync = sharding.make_sync(call["spans"], call["group"])
+                lengths = [k if k is not None else p.numel() // max(st["s"].shape[0], 1)
+                           for k, p, st in zip(call["block_lengths"], call["params"], call["states"])]
             fused.ginger(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
-                         beta1=beta1, backend=self.backend, stats=self.step_stats)
+                         beta1=beta1, backend=self.backend, stats=self.step_stats, sync=sync, block_lengths=lengths)
+        for state, view in sharded:
+            sharding.store_counters(state, view)
         for flat, params in joints:
             for p, piece in zip(params, flat.split([p.numel() for p in params])):
                 p.copy_(piece.view_as(p))
         self.zero_curvature()
         return loss
+
+    def _only_initializing(self) -> bool:
+        """A first step with all-zero gradients and no curvature vector only creates the state.
+
+        That is what ``torch.distributed.checkpoint`` does before loading a checkpoint into a
+        fresh optimizer (``set_optimizer_state_dict`` steps once with zero gradients and lr 0).
+        """
+        if self.state:
+            return False
+        entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not entries or any(get_curvature(p) is not None for _, p in entries):
+            return False
+        if any(bool(sharding.local(p.grad).any()) for _, p in entries):
+            return False
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if group["joint"] and with_grad:
+                self._state_for(group["params"][0], group, torch.cat([p.reshape(-1) for p in group["params"]]))
+            elif not group["joint"]:
+                for p in with_grad:
+                    self._state_for(p, group, p)
+        return True
 
     @staticmethod
     def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -132,7 +132,7 @@ def load_script(name: str):
     return module
 
 
-def reference_curvature(model, batches, sampled, *, shift: bool = False, scale: str = "mean") -> dict[str, torch.Tensor]:
+def reference_curvature(model, batches, sampled, *, shift=False, scale="mean") -> dict[str, torch.Tensor]:
     """The sampled-label curvature vectors of one optimizer step, computed directly: ``model`` run on each
     micro-batch (``batches``: the model's kwargs), cross-entropy at the labels drawn for it (``sampled``), gradients
     summed and divided by ``N`` (``"mean"``) or ``sqrt(N)`` (``"sqrt"``), ``N`` the label positions of all batches."""

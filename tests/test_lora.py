@@ -58,7 +58,8 @@ def test_optim_target_modules_split_ginger_and_adamw(tmp_path):
     assert changed == trainable
     adamw_groups = [g for g in ginger.param_groups if g["algorithm"] == "adamw"]
     # --adam_epsilon feeds the AdamW part; --adam_beta2 never reaches the optimizer (beta2: the preset's)
-    assert adamw_groups and all((g["initial_lr"], g["eps"], g["betas"]) == (1e-3, 1e-7, (0.9, 0.99)) for g in adamw_groups)
+    assert adamw_groups
+    assert all((g["initial_lr"], g["eps"], g["betas"]) == (1e-3, 1e-7, (0.9, 0.99)) for g in adamw_groups)
     # the layer-norm copies are in the Trainer's no-decay group, LoRA matrices in the decay group
     assert {g["weight_decay"] for g in adamw_groups} == {0.0}
     assert {g["weight_decay"] for g in ginger.param_groups if g["algorithm"] == "ginger"} == {0.01}

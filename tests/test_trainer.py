@@ -245,7 +245,8 @@ def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls
 
 @pytest.mark.parametrize("optim_args,scale", [([], "mean"), (["--optim_args", "curvature_scale=sqrt"], "sqrt")])
 def test_trainer_curvature_matches_independent_computation_seq2seq(tmp_path, monkeypatch, optim_args, scale):
-    _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False, *optim_args)
+    _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False,
+                                      *optim_args)
     assert used == scale  # "mean" (/ N) is the recommended preset's; "sqrt" (/ sqrt(N)) the paper's
 
 
@@ -305,15 +306,24 @@ def test_log_stats_reach_the_trainer_logs(tmp_path):
         tmp_path, "--optim", "ginger", "--optim_args", "log_stats=true,tau=2", "--max_steps", "6",
         "--logging_steps", "3", "--per_device_train_batch_size", "4",
     )
-    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=causal_data())
+    capture = CaptureBeforeStep()
+    trainer = Trainer(model=tiny_gpt2(), args=args, train_dataset=causal_data(), callbacks=[capture])
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in logs] == [3, 6]
+    keys = {"update_to_grad", "span_share", "clipped_fraction", "s_mean", "s_max", "curvature_norm", "skipped_blocks",
+            "skipped_curvature"}
+    assert all({k for k in h if k.startswith("ginger/")} == {f"ginger/{k}" for k in keys} for h in logs)
     ginger = unwrap_ginger(trainer.optimizer)
-    s = torch.cat([st["s"] for st in ginger.state.values()])
+    s = torch.cat([st["s"].reshape(-1) for st in ginger.state.values()])
     assert logs[-1]["ginger/s_max"] == pytest.approx(s.max().item())
     assert logs[-1]["ginger/s_mean"] == pytest.approx(s.mean().item())
-    assert logs[-1]["ginger/curvature_norm"] > 0 and logs[-1]["ginger/skipped_blocks"] == 0
+    last = capture.steps[-1]["curvature"]  # the vectors step 6 refreshed from
+    last_norm = sum(c.double().norm() ** 2 for c in last.values()).item() ** 0.5
+    assert logs[-1]["ginger/curvature_norm"] == pytest.approx(last_norm)
+    assert logs[-1]["ginger/skipped_blocks"] == logs[-1]["ginger/skipped_curvature"] == 0
+    assert logs[-1]["ginger/clipped_fraction"] == 0  # rho=None in the recommended preset
+    assert 0 < logs[-1]["ginger/span_share"] <= 1 + 1e-6 and logs[-1]["ginger/update_to_grad"] > 0
     assert logs[0]["ginger/s_max"] != logs[-1]["ginger/s_max"]
 
     args = parse(tmp_path, "--optim", "ginger", "--max_steps", "3", "--logging_steps", "3")

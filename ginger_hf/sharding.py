@@ -1,0 +1,158 @@
+"""Ginger on FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters sharded on dim 0, state sharded alike.
+
+A ``Shard(0)`` DTensor parameter gives each rank a slice of its rows. Every quantity a block
+needs is a sum over its elements (``U U^T``, ``U c``, ``U m'``, ``c.c``, ...), so:
+
+* a block that lies inside one rank (a row of a 2+-D tensor with ``blocks="row"``) is
+  stepped locally, exactly as without sharding;
+* a block that spans ranks (a whole tensor with ``blocks="tensor"``, and every 1-D tensor)
+  has its pass-1 sums formed on each rank's slice and completed by an all-reduce; the small
+  solve then runs identically on every rank, and pass 2 writes each rank's slice.
+
+All of a step's sums that need completing, and every tensor's finiteness flags (a tensor
+is skipped on every rank or on none), travel in ONE all-reduce of one float64 buffer:
+O(tau^2) numbers per spanning block. Sharded Ginger is unsharded Ginger up to summation order.
+
+State lives in DTensors placed like the parameter, so ``torch.distributed.checkpoint``
+saves and reshards it: ``m`` like the parameter, ``U`` ``(n, *shape)`` on dim 1, and the
+small per-block state (``s``, ``R``, ``e``) on dim 0 for row blocks, replicated for a
+spanning block. Each rank holds about ``(tau + 1) d / world`` numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .functional import block_shape
+
+__all__ = ["Sharding", "sharding_of", "init_sharded_state", "local_state", "make_sync", "local"]
+
+_REFUSED = (
+    "Ginger shards its state like FSDP2 parameters placed Shard(0) on a 1-D device mesh "
+    "(torch.distributed.fsdp.fully_shard). Tensor parallel, 2-D meshes (HSDP) and other placements "
+    "are not supported; use fully_shard on a 1-D mesh, or DDP."
+)
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Where a rank's slice of a ``Shard(0)`` parameter sits, and whether its blocks span ranks."""
+
+    mesh: Any
+    group: Any
+    shape: torch.Size  # the whole parameter's
+    offset: int  # first row of this rank's slice
+    spans: bool  # one block across ranks (sums need the all-reduce)
+    rows: bool  # row blocks (else one block for the whole parameter)
+    block_numel: int  # elements per block of the whole parameter
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor
+    except ImportError:  # pragma: no cover - very old torch
+        return ()
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, _dtensor_type())
+
+
+def local(t: Tensor | None) -> Tensor | None:
+    """The rank's own tensor of a DTensor (a view, no copy); other tensors as they are."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def sharding_of(param: Tensor, blocks: str) -> Sharding | None:
+    """The ``Sharding`` of an FSDP2 parameter; ``None`` for an ordinary tensor; ``TypeError`` otherwise."""
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = param.device_mesh, param.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise TypeError(f"Ginger: got a DTensor of shape {tuple(param.shape)} placed {tuple(placements)} on a "
+                        f"{mesh.ndim}-D mesh. {_REFUSED}")
+    _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    _, k = block_shape(param.shape, blocks)
+    rows = blocks == "row" and param.dim() >= 2  # blocks are whole rows: each inside one rank
+    return Sharding(mesh=mesh, group=mesh.get_group(), shape=param.shape, offset=offset[0] if offset else 0,
+                    spans=not rows and mesh.size() > 1, rows=rows, block_numel=k)
+
+
+def _from_local(t: Tensor, sh: Sharding, placement, shape) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, sh.mesh, [placement], run_check=False, shape=torch.Size(shape),
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def init_sharded_state(param: Tensor, sh: Sharding, tau: int, blocks: str, state_dtype: torch.dtype) -> dict[str, Any]:
+    """The state unsharded Ginger would create, each rank keeping its slice (as DTensors)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    p = local(param)
+    dev = p.device
+    B_global, k = block_shape(sh.shape, blocks)
+    n = min(tau, k)
+    j = torch.arange(n, device=dev)
+    if sh.rows:  # each local row is a whole block
+        rows, placement = p.shape[0], Shard(0)
+        U = torch.zeros(n, rows, k, dtype=state_dtype, device=dev)
+        U[j, :, j] = 1
+    else:  # one block: its first n unit vectors, which only the ranks holding those elements see
+        rows, placement = 1, Replicate()
+        row_numel = sh.shape[1:].numel() if len(sh.shape) else 1
+        start = sh.offset * row_numel
+        U = torch.zeros(n, p.numel(), dtype=state_dtype, device=dev)
+        mine = (j >= start) & (j < start + p.numel())
+        U[j[mine], j[mine] - start] = 1
+    return {
+        "m": _from_local(torch.zeros(p.shape, dtype=state_dtype, device=dev), sh, Shard(0), sh.shape),
+        "U": _from_local(U.view(n, *p.shape), sh, Shard(1), (n, *sh.shape)),
+        "s": _from_local(torch.zeros(rows, n, dtype=torch.float64, device=dev), sh, placement, (B_global, n)),
+        "R": _from_local(torch.eye(n, dtype=torch.float64, device=dev).repeat(rows, 1, 1), sh, placement,
+                         (B_global, n, n)),
+        "e": _from_local(torch.zeros(rows, dtype=torch.float64, device=dev), sh, placement, (B_global,)),
+        "step": 0,
+        "curvature_steps": 0,
+        "skipped": 0,
+        "curvature_skipped": 0,
+    }
+
+
+_TENSORS = ("m", "U", "s", "R", "e")
+_COUNTERS = ("step", "curvature_steps", "skipped", "curvature_skipped")
+
+
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The rank's views of a sharded state (tensors) and a copy of its counters; see ``store_counters``."""
+    return {key: local(state[key]) if key in _TENSORS else state[key] for key in (*_TENSORS, *_COUNTERS)}
+
+
+def store_counters(state: dict[str, Any], view: dict[str, Any]) -> None:
+    for key in _COUNTERS:
+        state[key] = view[key]
+
+
+def make_sync(spans: list[bool], group) -> Callable[[list[Tensor], Tensor], tuple[list[Tensor], Tensor]]:
+    """The fast step's hook after pass 1: ONE all-reduce of the spanning blocks' sums and every tensor's flags."""
+
+    def sync(sums: list[Tensor], flags: Tensor) -> tuple[list[Tensor], Tensor]:
+        parts = [flags.reshape(-1).to(torch.float64)] + [s.reshape(-1) for s, sp in zip(sums, spans) if sp]
+        flat = torch.cat([x.to(flags.device) for x in parts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        pieces = flat.split([x.numel() for x in parts])
+        it = iter(pieces[1:])
+        out = [next(it).view_as(s).to(s.device) if sp else s for s, sp in zip(sums, spans)]
+        return out, pieces[0].view_as(flags)
+
+    return sync
