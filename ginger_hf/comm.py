@@ -10,9 +10,9 @@ from torch import Tensor
 __all__ = ["world_size", "all_reduce_curvature", "sharded_kind", "check_not_sharded", "SUPPORTED"]
 
 SUPPORTED = (
-    "Ginger supports one process, or distributed data parallel (DDP: torchrun, accelerate launch "
-    "with distributed_type MULTI_GPU/MULTI_CPU, the Trainer on several processes) where every rank holds "
-    "whole parameters."
+    "Ginger supports one process, distributed data parallel (DDP: torchrun, accelerate launch "
+    "with distributed_type MULTI_GPU/MULTI_CPU, the Trainer on several processes), and FSDP2 "
+    "(torch.distributed.fsdp.fully_shard, accelerate/Trainer with fsdp_version 2)."
 )
 
 
@@ -40,13 +40,10 @@ def all_reduce_curvature(vectors: list[Tensor], group) -> list[Tensor]:
 
 
 def sharded_kind(param: Any) -> str | None:
-    """Name of the sharding scheme ``param`` belongs to, or ``None`` for an ordinary tensor."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - very old torch
-        DTensor = ()
-    if isinstance(param, DTensor):
-        return "DTensor (FSDP2 fully_shard / tensor parallel)"
+    """Name of the unsupported sharding scheme ``param`` belongs to, or ``None``.
+
+    DTensors are not named here: ``ginger_hf.sharding`` supports FSDP2's and refuses the rest.
+    """
     if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
         return "FSDP flat parameter"
     if hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
@@ -55,11 +52,11 @@ def sharded_kind(param: Any) -> str | None:
 
 
 def check_not_sharded(params) -> None:
-    """Raise ``TypeError`` if any parameter is a shard of a larger tensor (FSDP, DTensor, DeepSpeed ZeRO)."""
+    """Raise ``TypeError`` if any parameter is an FSDP1 flat parameter or a DeepSpeed ZeRO partition."""
     for p in params:
         kind = sharded_kind(p)
         if kind is not None:
             raise TypeError(
-                f"Ginger: got a {kind} of shape {tuple(p.shape)}. Sharded parameters (FSDP, DeepSpeed ZeRO, "
-                f"DTensor) are not supported: each rank would build its curvature model from a slice. {SUPPORTED}"
+                f"Ginger: got a {kind} of shape {tuple(p.shape)}. This kind of sharded parameter is not supported: "
+                f"each rank would build its curvature model from a slice. {SUPPORTED}"
             )

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import sharding
 from .comm import SUPPORTED, check_not_sharded, world_size
 from .optimizer import unwrap_ginger
 
@@ -66,11 +67,15 @@ def check_model_supported(model: Any) -> None:
     if isinstance(model, torch.nn.DataParallel):
         raise TypeError(f"Ginger: {DATA_PARALLEL}")
     names = {cls.__name__ for cls in type(model).__mro__}
-    wrapper = names & {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine", "PipelineEngine"}
+    wrapper = names & {"FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine"}  # FSDP2 (FSDPModule) is fine
     if wrapper:
         raise TypeError(f"Ginger: the model is wrapped in {sorted(wrapper)[0]}, which shards parameters. {SUPPORTED}")
     if isinstance(model, torch.nn.Module):
-        check_not_sharded(model.parameters())
+        params = list(model.parameters())
+        check_not_sharded(params)
+        for p in params:
+            if sharding.is_dtensor(p):
+                sharding.sharding_of(p, "row")  # Shard(0) on a 1-D mesh, else TypeError
 
 
 def _accelerate_state() -> tuple[str | None, int]:
@@ -85,14 +90,26 @@ def _accelerate_state() -> tuple[str | None, int]:
 
 
 def check_accelerate_supported() -> None:
-    """Raise ``TypeError`` if accelerate is set up for FSDP, DeepSpeed or Megatron-LM.
+    """Raise ``TypeError`` if accelerate is set up for FSDP1, DeepSpeed or Megatron-LM (FSDP2 is supported).
 
     DeepSpeed ZeRO-1/2 hands the optimizer flat partitions that carry no mark, so the
     accelerate configuration is the only place to see it.
     """
     kind, _ = _accelerate_state()
+    if kind == "FSDP" and _fsdp_version() == 2:
+        return
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise TypeError(f"Ginger: accelerate is configured for {kind}, which shards parameters. {SUPPORTED}")
+        what = "FSDP1" if kind == "FSDP" else kind
+        raise TypeError(f"Ginger: accelerate is configured for {what}, which shards parameters. {SUPPORTED}")
+
+
+def _fsdp_version() -> int | None:
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    plugin = AcceleratorState._shared_state.get("fsdp_plugin")
+    return getattr(plugin, "fsdp_version", None)
 
 
 def trainer_curvature_group():

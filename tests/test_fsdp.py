@@ -1,0 +1,135 @@
+"""Ginger on FSDP2: sharded Ginger equals unsharded Ginger, its state is split, one all-reduce per step,
+and DCP checkpoints resume exactly and reshard between world sizes. Other sharding is refused clearly.
+
+The multi-process tests run ``tests/dist/fsdp_worker.py`` under torchrun with gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import free_port
+
+import ginger_hf
+from ginger_hf.comm import check_not_sharded
+from ginger_hf.distributed import check_model_supported
+
+WORKER = Path(__file__).parent / "dist" / "fsdp_worker.py"
+
+
+def launch(mode: str, out: Path, world: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if world == 1:
+        cmd = [sys.executable, str(WORKER), mode, str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+               str(free_port()), str(WORKER), mode, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def results(out: Path, mode: str, world: int) -> list[dict]:
+    return [json.loads((out / f"{mode}_world{world}_rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_split_the_state_and_reduce_once(tmp_path):
+    """20 steps of a tiny T5 (row blocks, and 1-D layer norms that span both ranks), empirical curvature."""
+    launch("exact", tmp_path, 2)
+    rank0, rank1 = results(tmp_path, "exact", 2)
+    assert rank0["relative_error"] <= 1e-5 and rank0["moved"] > 1.0  # it trained, and as unsharded Ginger did
+    for r in (rank0, rank1):
+        assert r["all_reduces_per_step"] == [1] * 20
+        assert r["state_bytes"] <= 0.6 * rank0["unsharded_state_bytes"]
+
+
+@pytest.mark.slow
+def test_dcp_checkpoint_resumes_exactly_and_reshards_between_world_sizes(tmp_path):
+    two, one = tmp_path / "from2", tmp_path / "from1"
+    two.mkdir(), one.mkdir()
+    launch("save", two, 2)  # 2 ranks: 20 steps, a DCP checkpoint after step 10
+    launch("resume", two, 2)  # 2 ranks load step 10 and redo steps 11-20
+    launch("resume", two, 1)  # 1 process (no FSDP) loads the 2-rank checkpoint
+    launch("save", one, 1)  # and the reverse: 1 process saves, 2 ranks load
+    launch("resume", one, 2)
+    straight = torch.load(two / "save_world2_rank0.pt")
+    for path in (two / "resume_world2_rank0.pt", two / "resume_world1_rank0.pt", one / "resume_world2_rank1.pt"):
+        resumed = torch.load(path)
+        assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6, path
+    single = torch.load(one / "save_world1_rank0.pt")
+    assert max((straight[k] - single[k]).abs().max().item() for k in straight) <= 1e-5
+    for r in results(two, "resume", 2) + results(two, "resume", 1) + results(one, "resume", 2):
+        assert r["resumed_steps"] == [10]
+
+
+def _raises(fn, *words: str):
+    with pytest.raises(TypeError) as info:
+        fn()
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_other_placements_and_meshes_are_refused(one_process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    for placement in (Shard(1), Replicate()):
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [placement]))
+        _raises(lambda: ginger_hf.Ginger([p]), "placed", "Shard(0)", "1-D device mesh")
+
+
+def test_fsdp2_models_are_accepted_and_fsdp1_refused(one_process_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    fully_shard(model)
+    check_model_supported(model)
+    opt = ginger_hf.Ginger(model.parameters(), curvature="empirical")
+    model(torch.randn(5, 4)).square().sum().backward()
+    opt.step()
+    assert all(ginger_hf.sharding.is_dtensor(opt.state[p]["U"]) for p in model.parameters())
+    for use_orig_params in (False, True):
+        wrapped = FSDP(torch.nn.Linear(4, 3), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        _raises(lambda: ginger_hf.Ginger(wrapped.parameters()), "FSDP flat parameter")
+        _raises(lambda: check_model_supported(wrapped), "FullyShardedDataParallel")
+
+
+def test_deepspeed_zero_parameters_and_engines_are_refused():
+    p = torch.nn.Parameter(torch.zeros(0))
+    p.ds_id, p.ds_numel = 0, 12  # how ZeRO-3 marks its partitioned parameters
+    _raises(lambda: check_not_sharded([p]), "DeepSpeed ZeRO")
+
+    class DeepSpeedEngine(torch.nn.Module):  # stand-in with DeepSpeed's class name (deepspeed is not installed)
+        pass
+
+    _raises(lambda: check_model_supported(DeepSpeedEngine()), "DeepSpeedEngine")
+
+
+def test_ordinary_and_ddp_models_are_accepted(one_process_group):
+    model = torch.nn.Linear(4, 3)
+    opt = ginger_hf.Ginger(model.parameters(), curvature="mc")
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    assert ginger_hf.sync_curvature(opt, ddp) is False  # a one-process group: nothing to sum
+    assert opt.curvature_group is None
+    with pytest.raises(TypeError, match="ginger_hf.Ginger"):
+        ginger_hf.sync_curvature(torch.optim.SGD(model.parameters(), lr=0.1), ddp)
+
+
+def test_dcp_style_initialisation_creates_state_without_stepping():
+    """set_optimizer_state_dict steps once with zero gradients and lr 0 to create the state it then overwrites."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = ginger_hf.Ginger(model.parameters())  # mc curvature: a real step without a vector would raise
+    _init_optim_state(opt)
+    assert all(opt.state[p]["step"] == 0 for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
