@@ -470,6 +470,25 @@ void eigh(Arena& Ar, const Mat& S, double* w, Mat& V) {
 // correction is at rounding level (quadratic: 2-3 iterations from |G - I| ~ 1e-7), eigen fallback.
 void inverse_sqrt(Arena& Ar, const Mat& G, Mat& Z, Mat& Y) {
   const int n = G.r;
+  double dev = 0;  // |G - I|: tiny in practice, where a series is exact to rounding
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) dev = std::fmax(dev, std::fabs(G(i, j) - (i == j)));
+  if (dev < 1e-5) {  // (I + E)^(-1/2) = I - E/2 + 3E^2/8 - ..., (I + E)^(1/2) = I + E/2 - E^2/8 + ...; |E|^3 < 1e-15
+    Mat E = copy(Ar, G);
+    for (int i = 0; i < n; ++i) E(i, i) -= 1;
+    Mat E2 = mul(Ar, E, E);
+    Z = mat(Ar, n, n);
+    Y = mat(Ar, n, n);
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        const double id = i == j;
+        Z(i, j) = id - 0.5 * E(i, j) + 0.375 * E2(i, j);
+        Y(i, j) = id + 0.5 * E(i, j) - 0.125 * E2(i, j);
+      }
+    if (dev < 1e-6) return;  // the next terms are below 1e-18
+    Mat E3 = mul(Ar, E2, E);  // 1e-6 <= |E| < 1e-5: one more term (|E|^4 < 1e-20)
+    for (int i = 0; i < n * n; ++i) { Z.v[i] -= 0.3125 * E3.v[i]; Y.v[i] += 0.0625 * E3.v[i]; }
+    return;
+  }
   Y = copy(Ar, G);
   Z = eye(Ar, n);
   for (int it = 0; it < 8; ++it) {
@@ -607,6 +626,31 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
   rest[n + n * n + 3] = scale * scale * span;
 }
 
+// A step that keeps the model: u = scale (m' - a.U) with a = R^T (phi * R U m'); out row as solve_block's
+// coefficients, then [update_sq, span_sq] from rest0 on.
+void keep_block(int n, const double* stats, const StatsView& sv, const double* s, const double* R, double e,
+                const double* prm, double* out, const CoefView& cv, int64_t rest0) {
+  const double damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5], mdebias = prm[6];
+  const double* um = stats + sv.um;
+  const double gamma = damping + rel * e / (debias * k);
+  double y[64] = {}, phi[64], a[64] = {};
+  for (int i = 0; i < n; ++i) {
+    phi[i] = 1 - powm((gamma + s[i] / debias) / gamma, power);
+    for (int j = 0; j < n; ++j) y[i] += R[i * n + j] * um[j];
+  }
+  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) a[i] += R[j * n + i] * phi[j] * y[j];
+  const double scale = powm(gamma, power) / mdebias;
+  double upd = stats[sv.mm], span = 0;
+  for (int i = 0; i < n; ++i) {
+    upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
+    span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
+  }
+  out[cv.scale] = scale;
+  for (int i = 0; i < n; ++i) out[cv.a + i] = a[i];
+  out[rest0] = scale * scale * std::fmax(upd, 0.0);
+  out[rest0 + 1] = scale * scale * span;
+}
+
 }  // namespace
 
 extern "C" {
@@ -657,6 +701,19 @@ int ginger_solve_refresh(int n, int nb, const double* stats, const int64_t* stat
       solve_block(arena, n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
                   params + (int64_t)i * NPARAM, out + (int64_t)i * out_width, cv, cv.width);
   });
+  return 0;
+}
+
+// The keep solve of nb blocks of rank n (see keep_block); out (nb x out_width).
+int ginger_solve_keep(int n, int nb, const double* stats, const int64_t* stats_layout, const double* s,
+                      const double* R, const double* e, const double* params, double* out, int64_t out_width,
+                      const int64_t* coef_layout) {
+  if (n < 1 || n > 64) return 2;
+  StatsView sv(stats_layout);
+  CoefView cv(coef_layout);
+  for (int i = 0; i < nb; ++i)
+    keep_block(n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
+               params + (int64_t)i * NPARAM, out + (int64_t)i * out_width, cv, cv.width);
   return 0;
 }
 }

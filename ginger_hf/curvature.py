@@ -7,7 +7,9 @@ with ``y~_i ~ softmax(logits_i)`` drawn at every position that has a real label 
 
 The gradient is taken with ``torch.autograd.grad``: it never touches ``.grad`` and
 never fires distributed data parallel's gradient hooks, so the forward pass can be
-shared with the true loss.
+shared with the true loss. FSDP2 (``fully_shard``) parameters are not in the graph (the
+forward runs on unsharded copies): ``ginger_hf.sharded_curvature`` takes the gradient with
+respect to those copies and reduce-scatters it to each rank's slice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import sharded_curvature, sharding
 from .optimizer import CURVATURE_SCALES, Ginger, unwrap_ginger
 from .pending import add_curvature, get_curvature, set_curvature
 
@@ -68,6 +71,7 @@ def add_sampled_label_curvature(
     retain_graph: bool = True,
     grad_scaler: torch.amp.GradScaler | None = None,
     scale: str | None = None,
+    model: torch.nn.Module | None = None,
 ) -> bool:
     """Add this micro-batch's sampled-label curvature to ``param.curvature``.
 
@@ -90,20 +94,22 @@ def add_sampled_label_curvature(
             ``"sqrt"``: ``/ sqrt(N)``, the paper's, whose outer product estimates the GGN itself.
             Defaults to the optimizer's ``curvature_scale`` when ``params`` is a Ginger, else
             ``"mean"``.
+        model: the FSDP2 (``fully_shard``) model, needed when ``params`` holds its sharded
+            parameters; defaults to the model ``ginger_hf.sync_curvature(optimizer, model)``
+            recorded. The vector is then summed over the mesh (one reduce-scatter per call) and
+            each rank keeps its slice; ``num_items`` must count the labels of all ranks.
 
     Returns whether a curvature vector was computed.
     """
+    summed_over_ranks = False
     if isinstance(params, torch.optim.Optimizer):
         ginger = unwrap_ginger(params)
         if ginger is None:
             raise TypeError("add_sampled_label_curvature: params is an optimizer but not (a wrapper of) ginger_hf.Ginger")
         if grad_scaler is None:
             grad_scaler = getattr(params, "scaler", None)
-        if num_items is None and ginger.curvature_group is not None:
-            raise ValueError(
-                "add_sampled_label_curvature: num_items is required when Ginger sums curvature over ranks: pass the "
-                "optimizer step's label count on all ranks, e.g. accelerator.gather(count).sum()"
-            )
+        summed_over_ranks = ginger.curvature_group is not None
+        model = model if model is not None else sharded_curvature.model_of(ginger)
         params = ginger.curvature_params()
         scale = scale or ginger.curvature_scale
     scale = scale or "mean"
@@ -112,6 +118,15 @@ def add_sampled_label_curvature(
     params = [p for p in params if p.requires_grad]
     if not params:
         return False
+    fsdp = any(sharding.is_dtensor(p) for p in params)
+    if fsdp and not sharded_curvature.is_fsdp2_model(model):  # never a silent zero vector
+        raise TypeError(sharded_curvature.NOT_IN_GRAPH)
+    summed_over_ranks = summed_over_ranks or (fsdp and sharded_curvature.mesh_group(params) is not None)
+    if num_items is None and summed_over_ranks:
+        raise ValueError(
+            "add_sampled_label_curvature: num_items is required when Ginger sums curvature over ranks: pass the "
+            "optimizer step's label count on all ranks, e.g. accelerator.gather(count).sum()"
+        )
     loss, count = sampled_label_loss(logits, labels, ignore_index, generator)
     n = int(num_items if num_items is not None else count)
     if n <= 0:
@@ -120,9 +135,13 @@ def add_sampled_label_curvature(
     if grad_scaler is not None and grad_scaler.is_enabled():
         loss = grad_scaler.scale(loss)
         factor /= grad_scaler.get_scale()  # a power of two: unscaling is exact, as for .grad
-    grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+    if fsdp:  # FSDP2: each rank's slice of the vector summed over ranks; plain parameters as below
+        grads = sharded_curvature.sharded_mc_grads(loss, params, model, retain_graph=retain_graph, factor=factor)
+    else:
+        grads = [g.mul_(factor) if g is not None else None  # autograd.grad's own buffers
+                 for g in torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)]
     for p, g in zip(params, grads):
-        contribution = g.mul_(factor) if g is not None else torch.zeros_like(p)  # autograd.grad's own buffer
+        contribution = g if g is not None else torch.zeros_like(p)
         if get_curvature(p) is None:
             set_curvature(p, contribution)
         else:

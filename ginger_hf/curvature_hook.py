@@ -8,6 +8,10 @@ That extra ``autograd.grad`` is why two setups are refused here: ``torch.nn.Data
 replicas (the hook would run in several threads at once, adding to the same vectors) and
 reentrant activation checkpointing (which cannot take ``.grad()``; the non-reentrant kind,
 transformers' default, can, and gives the same vectors).
+
+Under FSDP2 the hook passes the model on, so the vector is taken with respect to FSDP2's
+unsharded parameters and reduce-scattered (``ginger_hf.sharded_curvature``); it must run after
+FSDP2's post-forward hook (``reattach_after_fsdp``, which ``GingerAmpCallback`` calls).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import sharded_curvature
 from .comm import world_size
 from .curvature import add_sampled_label_curvature
 from .distributed import DATA_PARALLEL, global_label_count
 from .optimizer import Ginger
 
-__all__ = ["SampledLabelCurvatureHook", "attach_curvature_hook", "check_loss_kind"]
+__all__ = ["SampledLabelCurvatureHook", "attach_curvature_hook", "reattach_after_fsdp", "check_loss_kind"]
 
 
 def _not_softmax_ce(what: str) -> ValueError:
@@ -128,6 +133,8 @@ class SampledLabelCurvatureHook:
                 f"(labels of shape {tuple(labels.shape)})"
             )
         group = optimizer.curvature_group
+        if group is None:  # FSDP2: the curvature is summed over the parameters' mesh (ginger_hf.sharded_curvature)
+            group = sharded_curvature.mesh_group(p for g in optimizer.param_groups for p in g["params"])
         num_items = kwargs.get("num_items_in_batch")
         if num_items is None:  # an estimate: exact when every micro-batch (and rank) has as many labels
             num_items = int((labels != -100).sum()) * self.accumulation_steps * world_size(group)
@@ -136,7 +143,7 @@ class SampledLabelCurvatureHook:
         scaler = getattr(optimizer, "grad_scaler", None)  # fp16: scale like the loss (GingerAmpCallback)
         try:
             add_sampled_label_curvature(logits, labels.to(logits.device), optimizer, num_items=num_items,
-                                        grad_scaler=scaler)
+                                        grad_scaler=scaler, model=module)  # FSDP2: reach its unsharded parameters
         except RuntimeError as exc:
             if "use_reentrant=True" in str(exc):  # torch's message from a reentrant checkpoint's backward
                 raise RuntimeError(REENTRANT_CHECKPOINTING) from exc
@@ -160,3 +167,21 @@ def attach_curvature_hook(
     hook = SampledLabelCurvatureHook(optimizer, _loss_shifts_labels(model), accumulation_steps, counts_all_ranks)
     _HOOKS[model] = model.register_forward_hook(hook, with_kwargs=True)
     return hook
+
+
+def reattach_after_fsdp(model: nn.Module) -> bool:
+    """Move ``model``'s curvature hook after FSDP2's own forward hooks; returns whether it did.
+
+    The Trainer builds the optimizer (and so installs the hook) before ``accelerator.prepare``
+    applies ``fully_shard``, whose post-forward hook would then run after ours: the curvature
+    pass would start while FSDP2 still counts the root as mid-forward. Re-registering puts ours last.
+    """
+    handle = _HOOKS.get(model)
+    if handle is None or not sharded_curvature.is_fsdp2_model(model):
+        return False
+    hook = model._forward_hooks.get(handle.id)
+    if hook is None or list(model._forward_hooks)[-1] == handle.id:
+        return False
+    handle.remove()
+    _HOOKS[model] = model.register_forward_hook(hook, with_kwargs=True)
+    return True

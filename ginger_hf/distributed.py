@@ -24,9 +24,11 @@ The same sum needs ``num_items`` = the label count on all ranks; ``global_label_
 sums a per-rank count when that is all a caller has (the Trainer with
 ``average_tokens_across_devices=False``).
 
-Sharded parameters (FSDP flat parameters, DTensor, DeepSpeed ZeRO partitions)
-are out of scope: each rank would see a slice of a tensor and compute a wrong
-curvature model, so ``check_not_sharded`` raises instead. ``torch.nn.DataParallel`` is
+FSDP2 (``fully_shard``) is supported: ``ginger_hf.sharding`` steps each rank's slice and
+``ginger_hf.sharded_curvature`` sums ``mc`` vectors with a reduce-scatter. Other sharded
+parameters (FSDP1 flat parameters, other DTensor placements, DeepSpeed ZeRO partitions)
+are refused: each rank would see a slice of a tensor and compute a wrong curvature model,
+so ``check_not_sharded`` raises instead. ``torch.nn.DataParallel`` is
 refused too (``DATA_PARALLEL`` says why).
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import sharding
+from . import sharded_curvature, sharding
 from .comm import SUPPORTED, check_not_sharded, world_size
 from .optimizer import unwrap_ginger
 
@@ -46,6 +48,7 @@ __all__ = [
     "global_label_count",
     "sync_curvature",
     "trainer_curvature_group",
+    "trainer_uses_fsdp2",
     "check_not_sharded",
     "check_model_supported",
     "check_accelerate_supported",
@@ -116,14 +119,24 @@ def trainer_curvature_group():
     """The group to sum curvature over inside the Trainer, or ``None`` for one process.
 
     The Trainer DDP-wraps its model whenever accelerate runs several processes without
-    FSDP / DeepSpeed (refused here), so that is the rule. Call after the Trainer's
-    ``Accelerator`` exists (``create_optimizer`` runs after it).
+    FSDP / DeepSpeed (refused here), so that is the rule. Under FSDP2 the sum is the
+    reduce-scatter of ``ginger_hf.sharded_curvature`` instead (``None`` here: the optimizer
+    must not all-reduce its per-rank slices). Call after the Trainer's ``Accelerator``
+    exists (``create_optimizer`` runs after it).
     """
     check_accelerate_supported()
     kind, processes = _accelerate_state()
+    if kind == "FSDP":
+        return None
     if processes > 1 and kind not in (None, "NO", "XLA") and dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return None
+
+
+def trainer_uses_fsdp2() -> bool:
+    """Whether the Trainer's accelerate state is FSDP2 (the model is sharded in ``accelerator.prepare``)."""
+    kind, _ = _accelerate_state()
+    return kind == "FSDP" and _fsdp_version() == 2
 
 
 def global_label_count(count: int | torch.Tensor, group) -> int:
@@ -140,14 +153,26 @@ def sync_curvature(optimizer, model) -> bool:
     """Make the Ginger in ``optimizer`` sum ``mc`` curvature over ``model``'s data-parallel group.
 
     Call once after wrapping, e.g. after ``accelerator.prepare(model, optimizer, ...)``.
-    Returns whether curvature will be synchronised (``model`` is DDP-wrapped). Raises
-    ``TypeError`` for DataParallel / FSDP / DeepSpeed models or when ``optimizer`` holds no Ginger.
+    Returns whether curvature will be synchronised (``model`` is DDP-wrapped, or sharded by
+    FSDP2 over several ranks). Raises ``TypeError`` for DataParallel / FSDP1 / DeepSpeed models
+    or when ``optimizer`` holds no Ginger.
+
+    FSDP2 (``fully_shard``): the optimizer's parameters are sharded DTensors outside the
+    autograd graph, so ``add_sampled_label_curvature`` needs the model to reach FSDP2's
+    unsharded parameters; this records it. The sum over ranks is then a reduce-scatter in
+    ``add_sampled_label_curvature`` (``ginger_hf.sharded_curvature``), not an all-reduce in
+    ``step()``: ``curvature_group`` stays ``None``.
     """
     ginger = unwrap_ginger(optimizer)
     if ginger is None:
         raise TypeError(f"sync_curvature: optimizer must be (a wrapper of) ginger_hf.Ginger, got {type(optimizer).__name__}")
     check_model_supported(model)
     check_accelerate_supported()
+    if sharded_curvature.is_fsdp2_model(model):
+        sharded_curvature.remember_model(ginger, model)
+        ginger.curvature_group = None
+        ginger._warned_unsynced = True  # the curvature is summed before step(): no "not synchronised" warning
+        return sharded_curvature.mesh_group(model.parameters()) is not None
     group = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and dist.get_world_size(model.process_group) > 1:
         group = model.process_group

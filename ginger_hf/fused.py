@@ -331,9 +331,10 @@ def ginger(
         lengths = [views[i].k if block_lengths is None else block_lengths[i] for i in idx]
         bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, lengths)
         S = torch.cat([sums[i] for i in idx])
+        on_cpu = all(views[i].backend == "kernel" for i in idx)
         if not fresh:
-            out = solve_keep(bl, layout, S)
-        elif all(views[i].backend == "kernel" for i in idx):
+            out = _kernel.solve_keep(bl, layout, clay, S) if on_cpu else solve_keep(bl, layout, S)
+        elif on_cpu:
             out = _kernel.solve_refresh(bl, layout, clay, S)
         else:
             out = solve_refresh(bl, layout, S)

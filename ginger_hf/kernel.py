@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "applies", "pass1", "pass2", "solve_refresh"]
+__all__ = ["available", "applies", "pass1", "pass2", "solve_refresh", "solve_keep"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
@@ -82,6 +82,7 @@ def _build() -> ctypes.CDLL | None:
     dll.ginger_pass2.argtypes = [i, i, i, i, p, p, f, p, p, i, p]
     dll.ginger_max_rank.restype = i
     dll.ginger_solve_refresh.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p, i]
+    dll.ginger_solve_keep.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p]
     return dll
 
 
@@ -211,3 +212,21 @@ def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     result.update(s=rest[:, :n], R=rest[:, n : n + n * n].reshape(N, n, n), e=rest[:, n + n * n],
                   rotate=rest[:, n + n * n + 1] > 0, update_sq=rest[:, n + n * n + 2], span_sq=rest[:, n + n * n + 3])
     return result
+
+
+def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
+    """``ginger_hf.solve.solve_keep`` for blocks on the CPU, in C++."""
+    lib = _get()
+    n, N = layout.n, stats.shape[0]
+    params = torch.stack([bl.beta2, bl.damping, bl.relative_damping, bl.power, bl.debias, bl.k,
+                          bl.momentum_debias, bl.tolerance], 1).contiguous()
+    width = clay.width + 2
+    out = torch.zeros(N, width, dtype=torch.float64)
+    stats, s, R, e = (x.contiguous() for x in (stats, bl.s, bl.R, bl.e))
+    stats_offsets, coef_offsets = _offsets(layout, _STATS), _offsets(clay, _COEFS)  # alive through the call
+    rc = lib.ginger_solve_keep(n, N, stats.data_ptr(), stats_offsets.data_ptr(), s.data_ptr(), R.data_ptr(),
+                               e.data_ptr(), params.data_ptr(), out.data_ptr(), width, coef_offsets.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"ginger_hf CPU kernel keep solve failed ({rc})")
+    return dict(scale=clay.view(out, "scale"), a=clay.view(out, "a"), update_sq=out[:, clay.width],
+                span_sq=out[:, clay.width + 1])

@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from .curvature_hook import attach_curvature_hook, check_loss_kind
-from .distributed import DATA_PARALLEL, trainer_curvature_group
+from .curvature_hook import attach_curvature_hook, check_loss_kind, reattach_after_fsdp
+from .distributed import DATA_PARALLEL, trainer_curvature_group, trainer_uses_fsdp2
 from .lora import param_roles, split_param_groups
 from .optim_args import parse_optim_args
 from .optimizer import PRESETS, Ginger, unwrap_ginger
@@ -47,6 +47,8 @@ class TrainerGinger(Ginger):
     ):
         super().__init__(split_param_groups(params, roles or {}), **kwargs)
         self.curvature_group = trainer_curvature_group()  # DDP: sum mc curvature over ranks
+        if trainer_uses_fsdp2():  # the hook reduce-scatters mc curvature before step(): nothing left to sum there
+            self._warned_unsynced = True
         self.grad_scaler = None  # fp16: accelerate's GradScaler, set by GingerAmpCallback
         self.log_stats = log_stats
         if log_stats:
@@ -58,16 +60,21 @@ class TrainerGinger(Ginger):
 class GingerAmpCallback(TrainerCallback):
     """fp16 glue: the curvature hook scales like the loss, and a skipped step's curvature is dropped.
 
+    Also moves the curvature hook after FSDP2's forward hooks when the Trainer sharded the
+    model after building the optimizer (``ginger_hf.curvature_hook.reattach_after_fsdp``).
+
     The scaler lives on accelerate's wrapped optimizer, which exists only once training
     begins; the Trainer zeroes gradients with ``model.zero_grad()``, which Ginger cannot
     see, so pending curvature is dropped at the end of every optimizer step (after
     ``step()`` consumed it, or after the scaler skipped it for overflow).
     """
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         ginger = unwrap_ginger(optimizer)
         if isinstance(ginger, TrainerGinger):
             ginger.grad_scaler = getattr(optimizer, "scaler", None)
+            if model is not None:
+                reattach_after_fsdp(model)  # FSDP2 sharded the model after the hook was installed
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         ginger = unwrap_ginger(optimizer)

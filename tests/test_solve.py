@@ -60,3 +60,12 @@ def test_cpp_solve_matches_torch_solve(n, case):
     # R is determined up to rotations within equal eigenvalues: compare the models R^T diag(s) R
     model = lambda o: o["R"].mT @ (o["s"][..., None] * o["R"])  # noqa: E731
     assert (model(out) - model(ref)).abs().max() <= 1e-10 * model(ref).abs().max()
+
+
+@pytest.mark.parametrize("n", [1, 4, 10])
+def test_cpp_keep_solve_matches_torch_keep_solve(n):
+    blocks, layout, S = random_blocks(64, n, n + 7, seed=n)
+    ref = solve.solve_keep(blocks, layout, S)
+    out = kernel.solve_keep(blocks, layout, solve.CoefLayout(n), S)
+    for name in ("a", "scale", "update_sq", "span_sq"):
+        assert (out[name] - ref[name]).abs().max() <= 1e-12 * ref[name].abs().max().clamp_min(1e-300), name
