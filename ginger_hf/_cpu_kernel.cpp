@@ -105,9 +105,9 @@ struct StatsView {
                                          mm(o[6]), gg(o[7]) {}
 };
 struct CoefView {
-  int64_t width, scale, ab, lr, decay, rho, nu_c, a, bt, nu;
-  explicit CoefView(const int64_t* o) : width(o[0]), scale(o[1]), ab(o[2]), lr(o[3]), decay(o[4]), rho(o[5]),
-                                        nu_c(o[6]), a(o[7]), bt(o[8]), nu(o[9]) {}
+  int64_t width, scale, along, lr, decay, rho, v_c, shrink, shift, v_u;
+  explicit CoefView(const int64_t* o) : width(o[0]), scale(o[1]), along(o[2]), lr(o[3]), decay(o[4]), rho(o[5]),
+                                        v_c(o[6]), shrink(o[7]), shift(o[8]), v_u(o[9]) {}
 };
 
 // One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given.
@@ -230,16 +230,16 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
   if (R) { out[sv.cc] += cc; out[sv.cm] += cm; }
 }
 
-// Pass 2 on [x0, x1): m <- lerp(m, g, w1); v = nu.U + nu_c c (refresh); u = scale (m - a.U + ab v),
-// clipped to [-rho, rho]; p <- p * decay - lr * u; on refresh U <- U - bt v^T (a rank-one reflection).
+// Pass 2 on [x0, x1): m <- lerp(m, g, w1); v = v_u.U + v_c c (refresh); u = scale (m - a.U + along v),
+// clipped to [-rho, rho]; p <- p * decay - lr * u; on refresh U <- U - shift v^T (a rank-one reflection).
 // Returns how many coordinates the clip cut.
 template <class S, class P>
 int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef,
               const CoefView& cv, int64_t x0, int64_t x1, Scratch& sc) {
   const bool R = b.refresh;
-  const vf scale = splat(coef[cv.scale]), ab = splat(coef[cv.ab]), nlr = splat(-coef[cv.lr]);
+  const vf scale = splat(coef[cv.scale]), along = splat(coef[cv.along]), nlr = splat(-coef[cv.lr]);
   const vf decay = splat(coef[cv.decay]), rho = splat(coef[cv.rho]), nrho = splat(-coef[cv.rho]);
-  const vf nu_c = splat(coef[cv.nu_c]);
+  const vf v_c = splat(coef[cv.v_c]);
   const bool do_decay = coef[cv.decay] != 1.f;
   int64_t clipped = 0;
   for (int64_t xb = x0; xb < x1; xb += CHUNK) {
@@ -253,25 +253,25 @@ int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, f
     float* ubuf = sc.at(6);
     for (int64_t x = 0; x < Lp; x += W) {
       st(dir + x, lerp<S>(ld(mi + x), ld(gi + x), w1));
-      if (R) st(v + x, nu_c * ld(ci + x));
+      if (R) st(v + x, v_c * ld(ci + x));
     }
     float* mo = dst(m + xb, sc.at(0), L);
     for (int64_t x = 0; x < Lp; x += W) st(mo + x, ld(dir + x));  // m' (before dir changes)
     flush(m + xb, mo, L);
     for (int j = 0; j < n; ++j) {
       const float* uj = src(U + j * b.ustride + xb, ubuf, L);
-      const vf a = splat(coef[cv.a + j]), nu = splat(coef[cv.nu + j]);
+      const vf a = splat(coef[cv.shrink + j]), v_u = splat(coef[cv.v_u + j]);
       for (int64_t x = 0; x < Lp; x += W) {
         vf ux = ld(uj + x);
         st(dir + x, ld(dir + x) - a * ux);
-        if (R) st(v + x, ld(v + x) + nu * ux);
+        if (R) st(v + x, ld(v + x) + v_u * ux);
       }
     }
     float* po = dst(p + xb, sc.at(2), L);
     vu nclip = vu{};
     for (int64_t x = 0; x < Lp; x += W) {
       vf d = ld(dir + x);
-      if (R) d += ab * ld(v + x);
+      if (R) d += along * ld(v + x);
       d *= scale;
       vu cut = (vu)(d > rho) | (vu)(d < nrho);
       nclip += cut & 1u;
@@ -292,8 +292,8 @@ int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, f
         S* Uj = U + j * b.ustride + xb;
         const float* uj = src(Uj, ubuf, L);
         float* uo = dst(Uj, ubuf, L);
-        const vf bt = splat(coef[cv.bt + j]);
-        for (int64_t x = 0; x < Lp; x += W) st(uo + x, ld(uj + x) - bt * ld(v + x));
+        const vf shift = splat(coef[cv.shift + j]);
+        for (int64_t x = 0; x < Lp; x += W) st(uo + x, ld(uj + x) - shift * ld(v + x));
         flush(Uj, uo, L);
       }
     }
@@ -586,18 +586,18 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
     for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) C(i, j) = top(i, j);
   }
   Mat Rn = mul(Ar, mul(Ar, C, Qt), W);
-  double bt[64] = {}, nu[64] = {}, sn[64], umn[64];
-  double nu_c = 0;
+  double shift[64] = {}, v_u[64] = {}, sn[64], umn[64];
+  double v_c = 0;
   if (rotate) {
     double beta[64], nub[64];
     for (int i = 0; i < n; ++i) { beta[i] = 2 * v[i] / vv; nub[i] = v[i] - v[n] * kk[i] / r; }
-    nu_c = v[n] / r;
+    v_c = v[n] / r;
     for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j) { bt[i] += Wi(i, j) * beta[j]; nu[i] += W(i, j) * nub[j]; }
+      for (int j = 0; j < n; ++j) { shift[i] += Wi(i, j) * beta[j]; v_u[i] += W(i, j) * nub[j]; }
   }
-  double dot_nu_um = nu_c * cm;
-  for (int i = 0; i < n; ++i) dot_nu_um += nu[i] * um[i];
-  for (int i = 0; i < n; ++i) { sn[i] = std::fmax(lam[i + 1], 0.0); umn[i] = um[i] - bt[i] * dot_nu_um; }
+  double dot_nu_um = v_c * cm;
+  for (int i = 0; i < n; ++i) dot_nu_um += v_u[i] * um[i];
+  for (int i = 0; i < n; ++i) { sn[i] = std::fmax(lam[i + 1], 0.0); umn[i] = um[i] - shift[i] * dot_nu_um; }
   const double en = beta2 * e + (1 - beta2) * cc;
   const double gamma = damping + rel * en / (debias * k);
   double phi[64], y[64] = {}, a[64] = {};
@@ -607,16 +607,16 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
   }
   for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) a[i] += Rn(j, i) * phi[j] * y[j];
   const double scale = powm(gamma, power) / mdebias;
-  double ab = 0, upd = mm, span = 0;
+  double along = 0, upd = mm, span = 0;
   for (int i = 0; i < n; ++i) {
-    ab += a[i] * bt[i];
+    along += a[i] * shift[i];
     upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
     span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
   }
   out[cv.scale] = scale;
-  out[cv.ab] = ab;
-  out[cv.nu_c] = nu_c;
-  for (int i = 0; i < n; ++i) { out[cv.a + i] = a[i]; out[cv.bt + i] = bt[i]; out[cv.nu + i] = nu[i]; }
+  out[cv.along] = along;
+  out[cv.v_c] = v_c;
+  for (int i = 0; i < n; ++i) { out[cv.shrink + i] = a[i]; out[cv.shift + i] = shift[i]; out[cv.v_u + i] = v_u[i]; }
   double* rest = out + rest0;
   for (int i = 0; i < n; ++i) rest[i] = sn[i];
   for (int i = 0; i < n * n; ++i) rest[n + i] = Rn.v[i];
@@ -646,7 +646,7 @@ void keep_block(int n, const double* stats, const StatsView& sv, const double* s
     span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
   }
   out[cv.scale] = scale;
-  for (int i = 0; i < n; ++i) out[cv.a + i] = a[i];
+  for (int i = 0; i < n; ++i) out[cv.shrink + i] = a[i];
   out[rest0] = scale * scale * std::fmax(upd, 0.0);
   out[rest0 + 1] = scale * scale * span;
 }

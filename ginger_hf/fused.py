@@ -11,7 +11,7 @@ tensor, split into blocks (rows or the whole tensor), on a refresh step:
 2. ``solve`` (``ginger_hf.solve``): the small float64 problems of all blocks of one rank at
    once give the new ``s``, ``R``, ``e`` and pass 2's coefficients (``solve.CoefLayout``).
 3. ``pass 2`` reads ``U, c, g, m`` and the parameter, and writes ``m'``, the parameter and
-   (when the basis gains a direction) ``U - bt v^T`` in place.
+   (when the basis gains a direction) ``U - shift v^T`` in place.
 
 Between refreshes pass 1 forms only ``U m'`` (no Gram, no ``c``), and pass 2 leaves ``U``.
 Nothing of size ``n * d`` is allocated.
@@ -104,19 +104,19 @@ def _pass1_torch(t: _Tensor, w1: float, layout: StatsLayout, out: Tensor) -> Non
 
 
 def _pass2_torch(t: _Tensor, w1: float, lay: CoefLayout, coefs: Tensor, rotate: bool, clipped: Tensor | None) -> None:
-    """``m <- m'``, ``p <- p * decay - lr * clip(u)``, and on ``rotate`` ``U <- U - bt v^T``; in place."""
+    """``m <- m'``, ``p <- p * decay - lr * clip(u)``, and on ``rotate`` ``U <- U - shift v^T``; in place."""
     dt = t.m.dtype
-    scale, ab, lr = lay.view(coefs, "scale").to(dt), lay.view(coefs, "ab").to(dt), lay.view(coefs, "lr").to(dt)
-    decay, rho, nu_c = lay.view(coefs, "decay").to(dt), lay.view(coefs, "rho"), lay.view(coefs, "nu_c").to(dt)
-    a, bt, nu = (lay.view(coefs, name).to(dt) for name in ("a", "bt", "nu"))
+    scale, along, lr = lay.view(coefs, "scale").to(dt), lay.view(coefs, "along").to(dt), lay.view(coefs, "lr").to(dt)
+    decay, rho, v_c = lay.view(coefs, "decay").to(dt), lay.view(coefs, "rho"), lay.view(coefs, "v_c").to(dt)
+    a, shift, v_u = (lay.view(coefs, name).to(dt) for name in ("shrink", "shift", "v_u"))
     for rows, cols in _chunks(t):
         U = t.U[:, rows, cols]
         m = t.m[rows, cols]
         m.lerp_(t.g[rows, cols].to(dt), w1)
         u = m - torch.einsum("ibk,bi->bk", U, a[rows])
         if rotate:
-            v = torch.einsum("ibk,bi->bk", U, nu[rows]) + nu_c[rows, None] * t.c[rows, cols].to(dt)
-            u += ab[rows, None] * v
+            v = torch.einsum("ibk,bi->bk", U, v_u[rows]) + v_c[rows, None] * t.c[rows, cols].to(dt)
+            u += along[rows, None] * v
         u *= scale[rows, None]
         r = rho[rows, None].to(dt)
         if clipped is not None:
@@ -125,7 +125,7 @@ def _pass2_torch(t: _Tensor, w1: float, lay: CoefLayout, coefs: Tensor, rotate: 
         p = t.p[rows, cols]
         p.copy_(p * decay[rows, None].to(p.dtype) - lr[rows, None].to(p.dtype) * u.to(p.dtype))
         if rotate:
-            U.sub_(bt[rows].T[:, :, None] * v[None])
+            U.sub_(shift[rows].T[:, :, None] * v[None])
 
 
 # -- whole-tensor passes for torch.compile (the GPU path) ---------------------------------------
@@ -144,20 +144,20 @@ def _pass1_whole(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -
 
 
 def _pass2_whole(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, scale: Tensor,
-                 ab: Tensor, lr: Tensor, decay: Tensor, rho: Tensor, nu_c: Tensor, a: Tensor, bt: Tensor,
-                 nu: Tensor) -> None:
+                 along: Tensor, lr: Tensor, decay: Tensor, rho: Tensor, v_c: Tensor, a: Tensor, shift: Tensor,
+                 v_u: Tensor) -> None:
     dt = m.dtype
     mv = torch.lerp(m, g.to(dt), w1)
     u = mv - (a.T.to(dt)[:, :, None] * U).sum(0)
     if c is not None:
-        v = (nu.T.to(dt)[:, :, None] * U).sum(0) + nu_c.to(dt)[:, None] * c.to(dt)
-        u = u + ab.to(dt)[:, None] * v
+        v = (v_u.T.to(dt)[:, :, None] * U).sum(0) + v_c.to(dt)[:, None] * c.to(dt)
+        u = u + along.to(dt)[:, None] * v
     r = rho.to(dt)[:, None]
     u = torch.minimum(torch.maximum(u * scale.to(dt)[:, None], -r), r)
     p.copy_(p * decay.to(p.dtype)[:, None] - lr.to(p.dtype)[:, None] * u.to(p.dtype))
     m.copy_(mv)
     if c is not None:
-        U.sub_(bt.T.to(dt)[:, :, None] * v[None])
+        U.sub_(shift.T.to(dt)[:, :, None] * v[None])
 
 
 _compiled: dict[str, Any] = {}
@@ -190,11 +190,14 @@ def _pass1_compiled(t: _Tensor, w1: float, layout: StatsLayout, out: Tensor) -> 
 
 
 def _pass2_compiled(t: _Tensor, w1: float, lay: CoefLayout, coefs: Tensor, rotate: bool) -> bool:
-    args = [lay.view(coefs, name) for name in ("scale", "ab", "lr", "decay", "rho", "nu_c", "a", "bt", "nu")]
+    args = [lay.view(coefs, name) for name in ("scale", "along", "lr", "decay", "rho", "v_c", "shrink", "shift", "v_u")]
     return _run_compiled(_pass2_whole, t.U, t.m, t.g, t.p, t.c if rotate else None, w1, *args) is not NotImplemented
 
 
 # -- the step -------------------------------------------------------------------------------
+
+
+_warned_eager: set[str] = set()
 
 
 def _pick_backend(backend: str | None, p: Tensor, state: dict[str, Any], g: Tensor, c: Tensor | None) -> str:
@@ -203,6 +206,10 @@ def _pick_backend(backend: str | None, p: Tensor, state: dict[str, Any], g: Tens
             return "compile"
         backend = "kernel"
     if backend == "kernel" and not _kernel.applies(p, state["m"], state["U"], g, c):
+        reason = _kernel.why_not(p, state["m"], state["U"], g, c)
+        if reason not in _warned_eager:  # the slow path: say so once (scripts/bench_step.py measures it)
+            _warned_eager.add(reason)
+            warnings.warn(f"ginger_hf: {reason}; those tensors take the eager torch passes (slower)", stacklevel=4)
         return "torch"
     return backend
 
@@ -272,16 +279,27 @@ def ginger(
     if not params:
         return
     w1 = 1 - beta1
-    views: list[_Tensor] = []
-    for p, g, c, st in zip(params, grads, curvatures, states):
-        B, n = st["s"].shape[0], st["U"].shape[0]
-        k = p.numel() // B if B else 0
-        views.append(_Tensor(U=st["U"].view(n, B, k), m=st["m"].view(B, k), g=_flat(g, B, k),
-                             c=None if c is None else _flat(c, B, k), p=p.view(B, k),
-                             backend=_pick_backend(backend, p, st, g, c)))
+    views = [_view(p, g, c, st, backend) for p, g, c, st in zip(params, grads, curvatures, states)]
     layouts = {t.n: StatsLayout(t.n) for t in views}
+    sums = _pass1(views, w1, layouts)
+    sums, applied, refresh = _decide(views, states, sums, layouts, sync)
+    lengths = [t.k for t in views] if block_lengths is None else block_lengths
+    coefs, rotate = _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, lengths, stats)
+    clipped = _pass2(views, coefs, rotate, applied, w1, count_clipped=stats is not None)
+    if stats is not None:
+        stats["clipped"] = stats.get("clipped", 0) + clipped
+        stats["numel"] = stats.get("numel", 0) + sum(p.numel() for p, ok in zip(params, applied) if ok)
 
-    # Pass 1 (reads only): every block's sums, then to the host in one transfer per device.
+
+def _view(p: Tensor, g: Tensor, c: Tensor | None, st: dict[str, Any], backend: str | None) -> _Tensor:
+    B, n = st["s"].shape[0], st["U"].shape[0]
+    k = p.numel() // B if B else 0
+    return _Tensor(U=st["U"].view(n, B, k), m=st["m"].view(B, k), g=_flat(g, B, k),
+                   c=None if c is None else _flat(c, B, k), p=p.view(B, k), backend=_pick_backend(backend, p, st, g, c))
+
+
+def _pass1(views: list[_Tensor], w1: float, layouts) -> list[Tensor]:
+    """Every block's sums (reads only), on each tensor's device."""
     sums = [torch.zeros(t.B, layouts[t.n].width, dtype=torch.float64, device=t.U.device) for t in views]
     kernel_jobs = []
     for t, out in zip(views, sums):
@@ -291,29 +309,38 @@ def ginger(
             _pass1_torch(t, w1, layouts[t.n], out)
     if kernel_jobs:
         _kernel.pass1(kernel_jobs, w1, layouts)
+    return sums
 
-    # Which tensors step (finite gradient) and which refresh (and a finite curvature vector): one decision.
+
+def _decide(views, states, sums, layouts, sync):
+    """Which tensors step (finite gradient) and which refresh (and a finite curvature vector).
+
+    One decision for all tensors (and, sharded, all ranks); the sums come to the host in one
+    transfer per device. Updates the counters.
+    """
     bad = torch.stack([torch.stack([~torch.isfinite(layouts[t.n].view(s, "mm")).all(),
                                     ~torch.isfinite(layouts[t.n].view(s, "cc")).all()]).to(s.device)
                        for t, s in zip(views, sums)]).to(torch.float64)
     if sync is not None:
         sums, bad = sync(sums, bad)
     sums = _to_host(sums)
-    flags = (bad == 0).tolist()
-    applied = [ok for ok, _ in flags]
-    refresh = []
-    for t, st, (ok, c_ok) in zip(views, states, flags):
+    applied, refresh = [], []
+    for t, st, (ok, c_ok) in zip(views, states, (bad == 0).tolist()):
         fresh = ok and t.c is not None and c_ok
         if ok and t.c is not None and not c_ok:
             st["curvature_skipped"] += 1
-        refresh.append(fresh)
         if ok:
             st["step"] += 1
             st["curvature_steps"] += fresh
         else:
             st["skipped"] += 1
+        applied.append(ok)
+        refresh.append(fresh)
+    return sums, applied, refresh
 
-    # The small problems, batched by rank and by refresh/keep.
+
+def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, lengths, stats):
+    """The small problems, batched by rank and by refresh/keep: pass 2's coefficients, and the new small state."""
     coefs: list[Tensor | None] = [None] * len(views)
     rotate = [False] * len(views)
     applied_idx = [i for i in range(len(views)) if applied[i]]
@@ -323,46 +350,44 @@ def ginger(
     for i in applied_idx:
         groups[(views[i].n, refresh[i])].append(i)
     new_small: list[tuple[int, Tensor, Tensor, Tensor]] = []
-    rotate_any: list[tuple[list[int], Tensor, list[int]]] = []
+    rotations: list[tuple[list[int], Tensor, list[int]]] = []
     for (n, fresh), idx in groups.items():
         layout, clay = layouts[n], CoefLayout(n)
         sizes = [views[i].B for i in idx]
         hp = _per_block([hypers[i] for i in idx], sizes)
-        lengths = [views[i].k if block_lengths is None else block_lengths[i] for i in idx]
-        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, lengths)
+        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, [lengths[i] for i in idx])
         S = torch.cat([sums[i] for i in idx])
         on_cpu = all(views[i].backend == "kernel" for i in idx)
         if not fresh:
             out = _kernel.solve_keep(bl, layout, clay, S) if on_cpu else solve_keep(bl, layout, S)
-        elif on_cpu:
-            out = _kernel.solve_refresh(bl, layout, clay, S)
         else:
-            out = solve_refresh(bl, layout, S)
+            out = _kernel.solve_refresh(bl, layout, clay, S) if on_cpu else solve_refresh(bl, layout, S)
         C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64)
-        for name in ("scale", "a") + (("ab", "nu_c", "bt", "nu") if fresh else ()):
+        for name in ("scale", "shrink") + (("along", "v_c", "shift", "v_u") if fresh else ()):
             clay.view(C, name).copy_(out[name])
         clay.view(C, "lr").copy_(hp["lr"])
         clay.view(C, "decay").copy_(1 - hp["lr"] * hp["weight_decay"])
         clay.view(C, "rho").copy_(hp["rho"])
         if stats is not None:
             _add_stats(stats, out, layout, S)
-        coefs_split = C.split(sizes)
-        for i, piece in zip(idx, coefs_split):
+        for i, piece in zip(idx, C.split(sizes)):
             coefs[i] = piece
         if fresh:
-            for i, s_new, R_new, e_new in zip(idx, out["s"].split(sizes), out["R"].split(sizes), out["e"].split(sizes)):
-                new_small.append((i, s_new, R_new, e_new))
-            rotate_any.append((idx, out["rotate"], sizes))
+            new_small += zip(idx, out["s"].split(sizes), out["R"].split(sizes), out["e"].split(sizes))
+            rotations.append((idx, out["rotate"], sizes))
     if new_small:
         _copy_to([states[i][name] for i, *_ in new_small for name in ("s", "R", "e")],
                  [x for _, *values in new_small for x in values])
-    if rotate_any:
-        flat_idx = [i for idx, _, _ in rotate_any for i in idx]
-        anys = torch.stack([part.any() for _, r, sizes in rotate_any for part in r.split(sizes)]).tolist()
+    if rotations:
+        flat_idx = [i for idx, _, _ in rotations for i in idx]
+        anys = torch.stack([part.any() for _, r, sizes in rotations for part in r.split(sizes)]).tolist()
         for i, flag in zip(flat_idx, anys):
-            rotate[i] = flag  # blocks of a tensor that add no direction have bt = 0
+            rotate[i] = flag  # blocks of a tensor that add no direction have shift = 0
+    return coefs, rotate
 
-    # Pass 2: the momentum, the parameter and (when the basis gains a direction) U.
+
+def _pass2(views, coefs, rotate, applied, w1: float, count_clipped: bool) -> int:
+    """The momentum, the parameter and (when the basis gains a direction) ``U``; returns coordinates clipped."""
     clipped = torch.zeros((), dtype=torch.int64)
     on_device = _coefs_to_devices(views, coefs, applied)
     kernel_jobs = []
@@ -372,12 +397,10 @@ def ginger(
         clay = CoefLayout(t.n)
         if t.backend == "kernel":
             kernel_jobs.append((t, coefs[i], rotate[i]))
-        elif not (t.backend == "compile" and stats is None and _pass2_compiled(t, w1, clay, on_device[i], rotate[i])):
-            _pass2_torch(t, w1, clay, on_device[i], rotate[i], clipped if stats is not None else None)
+        elif not (t.backend == "compile" and not count_clipped and _pass2_compiled(t, w1, clay, on_device[i], rotate[i])):
+            _pass2_torch(t, w1, clay, on_device[i], rotate[i], clipped if count_clipped else None)
     count = _kernel.pass2(kernel_jobs, w1, {t.n: CoefLayout(t.n) for t, _, _ in kernel_jobs}) if kernel_jobs else 0
-    if stats is not None:
-        stats["clipped"] = stats.get("clipped", 0) + int(clipped) + count
-        stats["numel"] = stats.get("numel", 0) + sum(p.numel() for p, ok in zip(params, applied) if ok)
+    return int(clipped) + count if count_clipped else 0
 
 
 def _coefs_to_devices(views, coefs, applied) -> list[Tensor | None]:

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "applies", "pass1", "pass2", "solve_refresh", "solve_keep"]
+__all__ = ["available", "applies", "why_not", "pass1", "pass2", "solve_refresh", "solve_keep"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
 # Below this many elements in a call, one thread does the whole pass.
 _SERIAL_ELEMENTS = 1 << 16
 _STATS = ("gram", "uc", "um", "cc", "cm", "mm", "gg")  # the order the kernel's StatsView reads
-_COEFS = ("scale", "ab", "lr", "decay", "rho", "nu_c", "a", "bt", "nu")  # ... and its CoefView
+_COEFS = ("scale", "along", "lr", "decay", "rho", "v_c", "shrink", "shift", "v_u")  # ... and its CoefView
 _lib = None
 _tried = False
 _lock = threading.Lock()
@@ -105,20 +105,26 @@ def available() -> bool:
     return _get() is not None
 
 
+def why_not(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> str | None:
+    """Why the kernel cannot run this tensor's passes, or ``None`` if it can."""
+    lib = _get()
+    if lib is None:
+        return "no C++ CPU kernel (no compiler found, or GINGER_HF_KERNEL=0)"
+    if p.device.type != "cpu":
+        return f"the C++ kernel runs on CPU only, not {p.device.type}"
+    if m.dtype not in _DTYPES or U.dtype != m.dtype or p.dtype not in _DTYPES or g.dtype != p.dtype or (
+            c is not None and c.dtype != p.dtype):
+        return f"the C++ kernel takes float32/bfloat16, not parameters {p.dtype} with state {m.dtype}"
+    if not all(t.is_contiguous() for t in (p, m, U)):
+        return "the C++ kernel needs contiguous tensors"
+    if U.shape[0] > lib.ginger_max_rank():
+        return f"the C++ kernel takes ranks up to {lib.ginger_max_rank()}, not {U.shape[0]}"
+    return None
+
+
 def applies(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> bool:
     """Whether the kernel can run this tensor's passes (CPU, float32/bfloat16, contiguous, rank <= 64)."""
-    lib = _get()
-    return (
-        lib is not None
-        and p.device.type == "cpu"
-        and m.dtype in _DTYPES
-        and U.dtype == m.dtype
-        and p.dtype in _DTYPES
-        and g.dtype == p.dtype
-        and (c is None or c.dtype == p.dtype)
-        and all(t.is_contiguous() for t in (p, m, U))
-        and U.shape[0] <= lib.ginger_max_rank()
-    )
+    return why_not(p, m, U, g, c) is None
 
 
 def _blocks(jobs, refresh: list[bool]) -> tuple[Tensor, Tensor, int]:
@@ -208,7 +214,7 @@ def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel solve failed ({rc})")
     rest = out[:, clay.width:]
-    result = {name: clay.view(out, name) for name in ("scale", "ab", "nu_c", "a", "bt", "nu")}
+    result = {name: clay.view(out, name) for name in ("scale", "along", "v_c", "shrink", "shift", "v_u")}
     result.update(s=rest[:, :n], R=rest[:, n : n + n * n].reshape(N, n, n), e=rest[:, n + n * n],
                   rotate=rest[:, n + n * n + 1] > 0, update_sq=rest[:, n + n * n + 2], span_sq=rest[:, n + n * n + 3])
     return result
@@ -228,5 +234,5 @@ def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
                                e.data_ptr(), params.data_ptr(), out.data_ptr(), width, coef_offsets.data_ptr())
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel keep solve failed ({rc})")
-    return dict(scale=clay.view(out, "scale"), a=clay.view(out, "a"), update_sq=out[:, clay.width],
+    return dict(scale=clay.view(out, "scale"), shrink=clay.view(out, "shrink"), update_sq=out[:, clay.width],
                 span_sq=out[:, clay.width + 1])

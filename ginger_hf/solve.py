@@ -11,7 +11,7 @@ subspace; the eigenbasis is ``R U``. On a refresh, with ``W = (U U^T)^{-1/2}`` t
 rank-one EMA update of GINGER.md section 2 (eigen-decompose the ``(n+1)``-sized ``K``, drop
 the smallest eigenpair ``e``) only needs a new basis of ``e``'s complement in
 ``span(U, c)``. The Householder reflection that maps the residual direction onto ``e``
-gives one as a rank-one change, ``U <- U - bt v^T`` with ``v = nu . U + nu_c c``, and the
+gives one as a rank-one change, ``U <- U - shift v^T`` with ``v = v_u . U + v_c c``, and the
 rotation to the new eigenbasis goes into ``R``: pass 2 costs O(n) per element.
 
 Degenerate refreshes are closed forms of the same solve, not separate paths: when ``c``
@@ -58,18 +58,18 @@ class StatsLayout:
 class CoefLayout:
     """Named views into a pass-2 row of coefficients, ``(..., width)``, for blocks of rank ``n``.
 
-    Pass 2 computes ``u = scale * (m' - a . U + ab * v)`` with ``v = nu . U + nu_c * c``
+    Pass 2 computes ``u = scale * (m' - shrink . U + along * v)`` with ``v = v_u . U + v_c * c``
     (refresh only), clips it to ``[-rho, rho]``, then ``p <- p * decay - lr * u`` and, on a
-    refresh that adds a direction, ``U <- U - bt v^T``.
+    refresh that adds a direction, ``U <- U - shift v^T``.
     """
 
-    SCALARS = ("scale", "ab", "lr", "decay", "rho", "nu_c")
+    SCALARS = ("scale", "along", "lr", "decay", "rho", "v_c")
 
     def __init__(self, n: int):
         self.n = n
         self.offsets = {name: (i, 1) for i, name in enumerate(self.SCALARS)}
         at = len(self.SCALARS)
-        for name in ("a", "bt", "nu"):
+        for name in ("shrink", "shift", "v_u"):
             self.offsets[name] = (at, n)
             at += n
         self.width = at
@@ -77,7 +77,7 @@ class CoefLayout:
     def view(self, coefs: Tensor, name: str) -> Tensor:
         at, size = self.offsets[name]
         out = coefs[..., at : at + size]
-        return out if name in ("a", "bt", "nu") else out[..., 0]
+        return out if name in ("shrink", "shift", "v_u") else out[..., 0]
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tensor) -> dict[str, Tensor]:
-    """``a``, ``scale`` of ``u = scale (m' - a . U)``, and ``|u|^2`` and its part in ``span(U)`` (before clipping).
+    """``shrink`` (``a``) and ``scale`` of ``u = scale (m' - a . U)``, and ``|u|^2`` and its part in ``span(U)`` (before clipping).
 
     ``u = f(G) m_hat`` with ``f(x) = x^-power`` and ``G = gamma I + U^T R^T diag(s_hat) R U``:
     ``f(G) = f(gamma) (I - B^T diag(phi) B)`` over the eigenbasis ``B = R U``, with
@@ -160,7 +160,7 @@ def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tens
     scale = gamma.pow(-bl.power) / bl.momentum_debias
     update_sq = scale**2 * (mm - ((2 * phi - phi**2) * y * y).sum(-1)).clamp_min(0)
     span_sq = scale**2 * (((1 - phi) * y) ** 2).sum(-1)
-    return dict(a=a, scale=scale, update_sq=update_sq, span_sq=span_sq)
+    return dict(shrink=a, scale=scale, update_sq=update_sq, span_sq=span_sq)
 
 
 def solve_keep(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, Tensor]:
@@ -172,7 +172,7 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     """The refresh of every block: new ``s``, ``R``, ``e`` and pass 2's coefficients.
 
     Returns a dict with ``s``, ``R``, ``e``, ``rotate`` (bool: the basis gains a direction;
-    False for the in-span closed form), ``a``, ``bt``, ``nu``, ``nu_c``, ``ab``, ``scale``,
+    False for the in-span closed form), ``shrink``, ``shift``, ``v_u``, ``v_c``, ``along``, ``scale``,
     ``update_sq`` and ``span_sq`` (see ``_direction``). ``ginger_hf.kernel.solve_refresh``
     computes the same on CPU, block by block in C++.
     """
@@ -203,12 +203,13 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     R_new = (C @ Q.mT) @ W
     beta = 2 * v[:, :n] / vv[:, None]
     safe_r = torch.where(rotate, r, torch.ones_like(r))
-    nu = torch.where(rotate[:, None], v[:, :n] - v[:, n:] * k / safe_r[:, None], 0.0)
-    nu_c = torch.where(rotate, v[:, n] / safe_r, 0.0)
-    bt = torch.where(rotate[:, None], (Wi @ beta[..., None])[..., 0], 0.0)
-    nu = (W @ nu[..., None])[..., 0]
+    v_u = torch.where(rotate[:, None], v[:, :n] - v[:, n:] * k / safe_r[:, None], 0.0)
+    v_c = torch.where(rotate, v[:, n] / safe_r, 0.0)
+    shift = torch.where(rotate[:, None], (Wi @ beta[..., None])[..., 0], 0.0)
+    v_u = (W @ v_u[..., None])[..., 0]
     s_new = lam[:, 1:].clamp_min(0)
     e_new = bl.beta2 * bl.e + (1 - bl.beta2) * cc
-    um_new = um - bt * ((nu * um).sum(-1) + nu_c * cm)[:, None]  # U_new m'
+    um_new = um - shift * ((v_u * um).sum(-1) + v_c * cm)[:, None]  # U_new m'
     out = _direction(bl, s_new, e_new, R_new, um_new, layout.view(stats, "mm"))
-    return dict(out, s=s_new, R=R_new, e=e_new, rotate=rotate, bt=bt, nu=nu, nu_c=nu_c, ab=(out["a"] * bt).sum(-1))
+    return dict(out, s=s_new, R=R_new, e=e_new, rotate=rotate, shift=shift, v_u=v_u, v_c=v_c,
+                along=(out["shrink"] * shift).sum(-1))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, reference_curvature, relative_error, seq2seq_data, tiny_t5
 
 import ginger_hf
 from ginger_hf.comm import check_not_sharded
@@ -23,13 +23,13 @@ from ginger_hf.distributed import check_model_supported
 WORKER = Path(__file__).parent / "dist" / "fsdp_worker.py"
 
 
-def launch(mode: str, out: Path, world: int) -> None:
+def launch(mode: str, out: Path, world: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if world == 1:
-        cmd = [sys.executable, str(WORKER), mode, str(out)]
+        cmd = [sys.executable, str(WORKER), mode, str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-               str(free_port()), str(WORKER), mode, str(out)]
+               str(free_port()), str(WORKER), mode, str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -47,6 +47,20 @@ def test_two_ranks_match_one_process_split_the_state_and_reduce_once(tmp_path):
     for r in (rank0, rank1):
         assert r["all_reduces_per_step"] == [1] * 20
         assert r["state_bytes"] <= 0.6 * rank0["unsharded_state_bytes"]
+
+
+@pytest.mark.slow
+def test_mc_curvature_two_ranks_match_one_process(tmp_path):
+    """mc: each rank's vector of its half, taken w.r.t. FSDP2's unsharded parameters and reduce-scattered, is the
+    whole batch's; labels are drawn per (step, half) alike on both sides. The gradients survive the extra pass."""
+    launch("exact", tmp_path, 2, "mc")
+    rank0, rank1 = results(tmp_path, "exact", 2)
+    assert rank0["relative_error"] <= 1e-5 and rank0["moved"] > 1.0
+    assert rank0["first_grad_relative_error"] <= 1e-6  # FSDP2's gradient after the curvature pass is unchanged
+    for r in (rank0, rank1):
+        assert r["all_reduces_per_step"] == [1] * 20
+        # one reduce-scatter per call (the sum over ranks); FSDP2 all-gathers its 2 resharded blocks for the pass
+        assert r["collectives_per_curvature_call"] == [{"reduce_scatter": 1, "all_gather": 2}] * 20
 
 
 @pytest.mark.slow
@@ -133,3 +147,55 @@ def test_dcp_style_initialisation_creates_state_without_stepping():
     _init_optim_state(opt)
     assert all(opt.state[p]["step"] == 0 for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _fsdp_t5(seed=0):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_t5(seed)
+    for block in (*model.encoder.block, *model.decoder.block):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _batch():
+    rows = seq2seq_data(4)
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_mc_on_fsdp2_parameters_without_the_model_is_refused_not_zero(one_process_group):
+    """The sharded DTensors are not in the autograd graph: without the model the vector would silently be zero."""
+    model, batch = _fsdp_t5(), _batch()
+    opt = ginger_hf.Ginger(model.parameters(), curvature="mc")
+    logits = model(**batch).logits
+    for params in (opt, list(model.parameters())):
+        with pytest.raises(TypeError) as info:
+            ginger_hf.add_sampled_label_curvature(logits, batch["labels"], params)
+        for words in ("not in the autograd graph", "sync_curvature", "curvature='empirical'"):
+            assert words in str(info.value)
+    assert all(ginger_hf.get_curvature(p) is None for p in model.parameters())
+
+
+def test_mc_on_fsdp2_is_the_unsharded_vector_and_leaves_gradients_unchanged(one_process_group):
+    """One rank: the vector taken w.r.t. FSDP2's unsharded parameters equals the plain model's, and the real
+    backward after the extra autograd.grad gives the plain model's gradients (FSDP2's hooks ran twice)."""
+    model, plain, batch = _fsdp_t5(), tiny_t5(0), _batch()
+    opt = ginger_hf.Ginger(model.parameters(), curvature="mc")
+    assert ginger_hf.sync_curvature(opt, model) is False  # one rank: nothing to sum, but the model is recorded
+    out = model(**batch)
+    assert ginger_hf.add_sampled_label_curvature(out.logits, batch["labels"], opt,
+                                                 generator=torch.Generator().manual_seed(3))
+    out.loss.backward()
+    plain_out = plain(**batch)
+    sampled = ginger_hf.sample_labels(plain_out.logits, batch["labels"], generator=torch.Generator().manual_seed(3))
+    expected = reference_curvature(plain, [batch], [sampled])
+    plain_out.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        curv = ginger_hf.get_curvature(p)
+        assert not ginger_hf.sharding.is_dtensor(curv) and curv.shape == ginger_hf.sharding.local(p).shape
+        assert relative_error(curv, expected[name]) <= 1e-5, name
+        assert relative_error(ginger_hf.sharding.local(p.grad), q.grad) <= 1e-6, name
+    assert sum(float(c.norm()) for c in expected.values()) > 0
+    opt.step()  # consumes the slices
+    assert all(ginger_hf.get_curvature(p) is None for p in model.parameters())

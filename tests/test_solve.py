@@ -54,7 +54,7 @@ def test_cpp_solve_matches_torch_solve(n, case):
     assert bool(ref["rotate"].any()) == (case not in ("in-span", "zero"))
     # near the span the reflection's coefficients scale like 1/r: rounding differences grow like eps/r^2
     tol = 1e-7 if case == "nearly-in-span" else 1e-10
-    for name in ("s", "e", "a", "bt", "nu", "nu_c", "ab", "scale", "update_sq", "span_sq"):
+    for name in ("s", "e", "shrink", "shift", "v_u", "v_c", "along", "scale", "update_sq", "span_sq"):
         scale = ref[name].abs().max().clamp_min(1e-300)
         assert (out[name] - ref[name]).abs().max() <= tol * scale, name
     # R is determined up to rotations within equal eigenvalues: compare the models R^T diag(s) R
@@ -67,5 +67,5 @@ def test_cpp_keep_solve_matches_torch_keep_solve(n):
     blocks, layout, S = random_blocks(64, n, n + 7, seed=n)
     ref = solve.solve_keep(blocks, layout, S)
     out = kernel.solve_keep(blocks, layout, solve.CoefLayout(n), S)
-    for name in ("a", "scale", "update_sq", "span_sq"):
+    for name in ("shrink", "scale", "update_sq", "span_sq"):
         assert (out[name] - ref[name]).abs().max() <= 1e-12 * ref[name].abs().max().clamp_min(1e-300), name

@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path
                                               or model_args.config_name)
     model = load_model(model_args)
+    if training_args.fsdp:
+        # accelerate's FSDP2 shards the input embedding together with lm_head; transformers 5 gives T5's encoder
+        # and decoder embedding modules of their own that share its weight (fully_shard would see it twice).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_input_embeddings(base.get_input_embeddings())  # one module for all its uses
     raw = load_raw(data_args)
 
     def prepare(split: str, limit: int | None):

@@ -65,6 +65,28 @@ def snapshot(model, optimizer) -> dict:
     return out
 
 
+def run_recipe(tiny_local: str, out: str) -> None:
+    """recipes/summarization/run_summarization.py with ``--fsdp`` (FSDP2) and ``--optim ginger``, on the tiny
+    local T5 and data of tests/test_recipes.py; the FSDP state forced as above."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    from test_recipes import load_recipe
+
+    recipe = load_recipe()
+    recipe.Seq2SeqTrainer = ForcedFSDPTrainer
+    fsdp_config = '{"version": 2, "state_dict_type": "FULL_STATE_DICT", "transformer_layer_cls_to_wrap": ["T5Block"]}'
+    results = recipe.main([
+        "--model_name_or_path", f"{tiny_local}/model", "--train_file", f"{tiny_local}/train.jsonl.gz",
+        "--validation_file", f"{tiny_local}/validation.jsonl.gz", "--output_dir", out,
+        "--test_file", f"{tiny_local}/test.jsonl.gz", "--do_train", "--do_eval", "--do_predict",
+        "--predict_with_generate", "--generation_max_length", "8", "--max_source_length", "48", "--max_target_length", "12",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--max_steps", "3",
+        "--optim", "ginger", "--optim_args", "tau=2", "--learning_rate", "1e-3", "--save_strategy", "no",
+        "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo", "--disable_tqdm", "true",
+        "--dataloader_num_workers", "0", "--fsdp", "--fsdp_config", fsdp_config,
+    ])
+    torch.save({"results": results, "world": dist.get_world_size()}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -78,8 +100,11 @@ def main() -> None:
     ap.add_argument("--model", default="t5", choices=["t5", "llama"])
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--no-fsdp", action="store_true", help="no --fsdp: DDP, the unsharded reference")
+    ap.add_argument("--recipe", default=None, help="run the summarization recipe on this tiny_local folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.recipe:
+        return run_recipe(args.recipe, args.out)
     if args.model == "t5":
         model, data, layer = tiny.tiny_t5(seed=0, dropout=args.dropout), tiny.make_data(96, seed=4), "T5Block"
         # transformers 5 gives T5's encoder and decoder their own embedding modules sharing `shared.weight`;
