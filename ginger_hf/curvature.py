@@ -115,11 +115,14 @@ def add_sampled_label_curvature(
     scale = scale or "mean"
     if scale not in CURVATURE_SCALES:
         raise ValueError(f"add_sampled_label_curvature: scale must be one of {CURVATURE_SCALES}, got {scale!r}")
+    fsdp_model = sharded_curvature.is_fsdp2_model(model)
+    if fsdp_model:  # model.parameters() after a forward lists the root's unsharded copies: use the sharded ones
+        params = sharded_curvature.sharded_params(list(params), model)
     params = [p for p in params if p.requires_grad]
     if not params:
         return False
     fsdp = any(sharding.is_dtensor(p) for p in params)
-    if fsdp and not sharded_curvature.is_fsdp2_model(model):  # never a silent zero vector
+    if fsdp and not fsdp_model:  # never a silent zero vector
         raise TypeError(sharded_curvature.NOT_IN_GRAPH)
     summed_over_ranks = summed_over_ranks or (fsdp and sharded_curvature.mesh_group(params) is not None)
     if num_items is None and summed_over_ranks:

@@ -14,13 +14,14 @@ the label count of the step on all ranks the slice is that of the vector one pro
 on the whole batch.
 
 FSDP2's hooks take the extra ``autograd.grad`` like a backward pass: its pre-backward hooks
-all-gather each module's parameters again, its post-backward hooks find no gradient (``.grad``
-is never touched) and reshard. The real backward that follows then unshards again and
-reduce-scatters the true gradients unchanged; the backward-prefetch order that the curvature
-pass used up is restored for it.
+all-gather the parameters of each module that was resharded after the forward, its post-backward
+hooks find no gradient (``.grad`` is never touched) and reshard. The real backward that follows
+then all-gathers again and reduce-scatters the true gradients unchanged. Groups that were still
+unsharded (the root) are kept so, and the backward-prefetch order the pass used up is restored.
 
 Cost per call: the full-size gradient of the rank's micro-batch (the model's size, transiently,
-like an unsharded ``.grad``) and one reduce-scatter of it (what FSDP2 sends for the gradient).
+like an unsharded ``.grad``), one reduce-scatter of it (what FSDP2 sends for the gradient), and
+FSDP2's all-gather of the resharded modules' parameters for the pass (as for the backward).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from torch import Tensor, nn
 
 from . import sharding
 
-__all__ = ["NOT_IN_GRAPH", "fsdp_param_table", "is_fsdp2_model", "fsdp_states", "sharded_mc_grads", "remember_model",
-           "model_of", "mesh_group"]
+__all__ = ["NOT_IN_GRAPH", "fsdp_param_table", "is_fsdp2_model", "fsdp_states", "sharded_mc_grads", "sharded_params",
+           "remember_model", "model_of", "mesh_group"]
 
 NOT_IN_GRAPH = (
     "Ginger curvature='mc' got FSDP2 (fully_shard) parameters: these sharded DTensors are not in the autograd graph "
@@ -90,6 +91,17 @@ def fsdp_param_table(model: nn.Module) -> dict[int, Any]:
     return table
 
 
+def sharded_params(params: list[Tensor], model: nn.Module) -> list[Tensor]:
+    """``params`` with FSDP2's unsharded copies replaced by their sharded parameters (the optimizer's).
+
+    After the forward, a module that FSDP2 left unsharded (the root) lists its unsharded copies in
+    ``model.parameters()``; a curvature vector set on those would never reach the optimizer.
+    """
+    back = {id(fp._unsharded_param): fp.sharded_param for fp in fsdp_param_table(model).values()
+            if hasattr(fp, "_unsharded_param")}
+    return [back.get(id(p), p) for p in params]
+
+
 def _check_not_mid_forward(model: nn.Module) -> None:
     for state in fsdp_states(model):
         if getattr(getattr(state, "_training_state", None), "name", None) == "FORWARD":
@@ -100,8 +112,16 @@ def _check_not_mid_forward(model: nn.Module) -> None:
             )
 
 
-class _KeepPrefetchOrder:
-    """Save FSDP2's backward-prefetch bookkeeping around the curvature pass and put it back for the real backward."""
+class _CurvaturePass:
+    """Around the curvature ``autograd.grad``: leave FSDP2 as the real backward expects to find it.
+
+    * groups still unsharded after the forward (the root, ``reshard_after_forward=False``) stay
+      unsharded: the pass's final callback would reshard them and the real backward all-gather
+      them again (for the root: the embeddings);
+    * the backward-prefetch bookkeeping that the pass used up is put back.
+
+    Private FSDP2 attributes: on another torch version only these savings are lost.
+    """
 
     def __init__(self, model: nn.Module):
         self.groups = [g for s in fsdp_states(model) for g in _param_groups(s)]
@@ -110,11 +130,17 @@ class _KeepPrefetchOrder:
         try:
             self.indices = [list(g._post_forward_indices) for g in self.groups]
             self.orders = {id(g.comm_ctx): (g.comm_ctx, list(g.comm_ctx.post_forward_order)) for g in self.groups}
-        except AttributeError:  # another torch version: only prefetching (speed) is lost
+        except AttributeError:
             self.indices = None
+        self.kept = [(g, g.reshard_after_backward) for g in self.groups
+                     if getattr(g, "is_unsharded", False) and hasattr(g, "reshard_after_backward")]
+        for g, _ in self.kept:
+            g.reshard_after_backward = False
         return self
 
     def __exit__(self, *exc):
+        for g, value in self.kept:
+            g.reshard_after_backward = value
         if self.indices is not None and exc[0] is None:
             for g, idx in zip(self.groups, self.indices):
                 g._post_forward_indices[:] = idx
@@ -163,7 +189,7 @@ def sharded_mc_grads(loss: Tensor, params: list[Tensor], model: nn.Module, *, re
             leaf = p
         slot.append(len(leaves))
         leaves.append(leaf)
-    with _KeepPrefetchOrder(model):
+    with _CurvaturePass(model):
         grads = torch.autograd.grad(loss, leaves, retain_graph=retain_graph, allow_unused=True) if leaves else ()
 
     out: list[Tensor | None] = [None] * len(params)

@@ -31,6 +31,8 @@ CONFIGS = {
     "adamw (fused)": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99),
     "ginger (recommended)": dict(optim="ginger"),
     "ginger, mc interval 1": dict(optim="ginger", optim_args="curvature_interval=1"),
+    "ginger, mc interval 2": dict(optim="ginger", optim_args="curvature_interval=2"),
+    "ginger, mc interval 4": dict(optim="ginger", optim_args="curvature_interval=4"),
     "ginger, empirical": dict(optim="ginger", optim_args="curvature=empirical"),
     "ginger, paper": dict(optim="ginger", optim_args="preset=paper"),
 }

@@ -199,3 +199,39 @@ def test_mc_on_fsdp2_is_the_unsharded_vector_and_leaves_gradients_unchanged(one_
     assert sum(float(c.norm()) for c in expected.values()) > 0
     opt.step()  # consumes the slices
     assert all(ginger_hf.get_curvature(p) is None for p in model.parameters())
+
+    # After a forward, model.parameters() lists the root's unsharded copies; their vectors go to the sharded ones.
+    out = model(**batch)
+    assert not all(ginger_hf.sharding.is_dtensor(p) for p in model.parameters())
+    ginger_hf.add_sampled_label_curvature(out.logits, batch["labels"], list(model.parameters()), model=model)
+    assert all(ginger_hf.get_curvature(p) is not None for p in opt.param_groups[0]["params"])
+
+
+def test_accelerate_fsdp2_recipe_config_gives_a_plugin_ginger_accepts(monkeypatch):
+    """recipes/accelerate/fsdp2_multi_gpu_bf16.yaml, through `accelerate launch`'s own environment, is FSDP2 with
+    full sharding and sharded checkpoints; Ginger accepts that accelerate state and sums no curvature in step()."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from ginger_hf.distributed import check_accelerate_supported, trainer_curvature_group
+
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp2_multi_gpu_bf16.yaml"
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(config), "x.py"]))
+    env = prepare_multi_gpu_env(args)
+    assert (env["ACCELERATE_USE_FSDP"], env["FSDP_VERSION"], env["ACCELERATE_MIXED_PRECISION"]) == ("true", "2", "bf16")
+    for key, value in env.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    # accelerate enters FSDP only on GPUs; record the state it would.
+    monkeypatch.setitem(PartialState._shared_state, "distributed_type", DistributedType.FSDP)
+    monkeypatch.setitem(AcceleratorState._shared_state, "fsdp_plugin", plugin)
+    check_accelerate_supported()
+    assert trainer_curvature_group() is None  # FSDP2 sums mc curvature by reduce-scatter, before step()
+    monkeypatch.setattr(plugin, "fsdp_version", 1)
+    with pytest.raises(TypeError, match="FSDP1"):
+        check_accelerate_supported()

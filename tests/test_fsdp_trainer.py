@@ -1,8 +1,10 @@
-"""The stock Trainer with ``--fsdp`` (FSDP2) and ``--optim ginger`` under ``torchrun --nproc_per_node 2`` (CPU, gloo).
+"""accelerate's FSDP2 with Ginger under ``torchrun --nproc_per_node 2`` (CPU, gloo): the stock Trainer with ``--fsdp``
+and ``--optim ginger``, the summarization recipe with ``--fsdp``, and recipes/accelerate/plain_loop.py.
 
 accelerate enables FSDP only for GPU-like process types, so the worker (tests/dist/fsdp_trainer_worker.py) switches
-its state to FSDP with the Trainer's own FSDP2 plugin; from there on accelerate's real FSDP2 path runs
-(``fully_shard``, the optimizer's param_groups swapped to the sharded DTensors, FSDP state-dict checkpoints).
+its state to FSDP with the FSDP2 plugin of the Trainer (or of recipes/accelerate/fsdp2_multi_gpu_bf16.yaml); from
+there on accelerate's real FSDP2 path runs (``fully_shard``, the optimizer's param_groups swapped to the sharded
+DTensors afterwards, FSDP state-dict checkpoints).
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import os
+import subprocess
+
 import pytest
 import torch
 from test_ddp import launch
+from test_ddp_recipes import run as run_plain_loop_ddp
 from test_recipes import tiny_local  # noqa: F401  (the fixture: a tiny local T5, tokenizer and data)
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -91,3 +97,30 @@ def test_summarization_recipe_with_fsdp(tiny_local, tmp_path):  # noqa: F811
     assert ranks[0]["world"] == 2 and results["train_samples"] == 16
     assert 0.0 <= results["predict_rouge1"] <= 100.0 and (out / "model.safetensors").exists()
     assert len((out / "generated_predictions.txt").read_text().splitlines()) == 6
+
+
+def run_plain_loop_fsdp(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(tiny.free_port()), str(WORKER), "--plain-loop", "--cpu", "--batch_size", "4", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def last_loss(stdout: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 1  # printed by the main process only
+    return lines[0]
+
+
+def test_plain_accelerate_loop_with_fsdp2_matches_ddp_and_resumes(tmp_path):
+    """plain_loop.py unchanged: sync_curvature records the FSDP2 model; each rank draws its labels from its own
+    RNG as under DDP, so the losses agree (printed to 4 decimals: a curvature that is not summed over the ranks
+    moves the step-8 loss by 1e-2). accelerator.save_state/load_state carry Ginger's sharded state."""
+    straight = last_loss(run_plain_loop_fsdp("--steps", "8"))
+    assert straight.startswith("step 8: loss")
+    assert last_loss(run_plain_loop_ddp("--steps", "8", nproc=2)) == straight
+    run_plain_loop_fsdp("--steps", "4", "--save_dir", str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "optimizer_0").is_dir()  # SHARDED_STATE_DICT: torch.distributed.checkpoint
+    assert last_loss(run_plain_loop_fsdp("--steps", "8", "--resume_from", str(tmp_path / "ckpt"))) == straight

@@ -23,7 +23,8 @@ RECIPE = ROOT / "recipes" / "summarization" / "run_summarization.py"
 CONFIGS = ROOT / "recipes" / "summarization" / "configs"
 
 # GINGER.md section 5, restated here so a drifting config file fails.
-GINGER_HP = dict(learning_rate=2e-4, adam_beta1=0.9, adam_beta2=0.99, tau=4, damping=1e-5, rho=1.0)
+GINGER_HP = dict(learning_rate=2e-4, adam_beta1=0.9, beta2=0.99, tau=4, damping=1e-5, rho=1.0)
+OPTIMIZERS = ("ginger", "ginger_paper", "adamw", "adafactor")
 ADAMW_HP = dict(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0)
 FULL_FT = dict(per_device_train_batch_size=4, num_train_epochs=1, lr_scheduler_type="constant", warmup_steps=0,
                max_grad_norm=1.0, max_source_length=512, max_target_length=128, predict_with_generate=True)
@@ -51,11 +52,11 @@ def parsed(recipe, name, *extra):
 
 def test_config_files_cover_the_paper_grid():
     names = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-    assert names == sorted(f"t5-small_xsum_{s}_{o}.yaml" for s in ("full", "lora") for o in ("ginger", "adamw", "adafactor"))
+    assert names == sorted(f"t5-small_xsum_{s}_{o}.yaml" for s in ("full", "lora") for o in OPTIMIZERS)
 
 
 @pytest.mark.parametrize("setting", ["full", "lora"])
-@pytest.mark.parametrize("optimizer", ["ginger", "adamw", "adafactor"])
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_config_parses_with_paper_hyperparameters(recipe, setting, optimizer):
     args = parsed(recipe, f"t5-small_xsum_{setting}_{optimizer}.yaml")
     assert args["model_name_or_path"] == "google-t5/t5-small"
@@ -69,12 +70,13 @@ def test_config_parses_with_paper_hyperparameters(recipe, setting, optimizer):
     else:
         assert sorted(args["lora_target_modules"]) == ["k", "o", "q", "v"]
         assert args["lora_modules_to_save"] == ["layer_norm"]
-    if optimizer == "ginger":
-        assert args["optim"] == "ginger"
-        opt_args = dict(kv.split("=") for kv in args["optim_args"].split(","))
-        assert {k: float(v) for k, v in opt_args.items()} == {k: GINGER_HP[k] for k in ("tau", "damping", "rho")}
-        for key in ("learning_rate", "adam_beta1", "adam_beta2"):
+    if optimizer == "ginger_paper":
+        assert args["optim"] == "ginger" and args["optim_args"] == "preset=paper"
+        for key in ("learning_rate", "adam_beta1"):
             assert args[key] == GINGER_HP[key], key
+    elif optimizer == "ginger":  # the recommended configuration: only the learning rate is set
+        assert args["optim"] == "ginger" and not args["optim_args"]
+        assert args["learning_rate"] == ADAMW_HP["learning_rate"]
     elif optimizer == "adamw":
         assert args["optim"].startswith("adamw_torch")
         for key, value in ADAMW_HP.items():
@@ -96,23 +98,31 @@ def test_config_with_unknown_key_is_rejected(recipe, tmp_path):
         recipe.parse_args([str(bad)])
 
 
-def test_ginger_config_builds_the_paper_optimizer(recipe, tmp_path):
-    """The Trainer turns the Ginger config into Ginger with exactly GINGER.md's hyper-parameters."""
+@pytest.mark.parametrize("config", ["ginger_paper", "ginger"])
+def test_ginger_configs_build_the_paper_and_the_recommended_optimizer(recipe, tmp_path, config):
+    """The Trainer turns the paper config into Ginger with exactly GINGER.md's hyper-parameters, and the
+    recommended config into the recommended preset."""
     from transformers import Seq2SeqTrainer
 
     model_args, _, training_args = recipe.parse_args(
-        [str(CONFIGS / "t5-small_xsum_full_ginger.yaml"), "--output_dir", str(tmp_path), "--use_cpu", "true"])
+        [str(CONFIGS / f"t5-small_xsum_full_{config}.yaml"), "--output_dir", str(tmp_path), "--use_cpu", "true"])
     model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
     trainer = Seq2SeqTrainer(model=model, args=training_args)
     trainer.create_optimizer()
     opt = ginger_hf.unwrap_ginger(trainer.optimizer)
     assert isinstance(opt, ginger_hf.Ginger)
+    preset = ginger_hf.PRESETS["paper" if config == "ginger_paper" else "recommended"]
     for group in opt.param_groups:
         if group.get("algorithm", "ginger") != "ginger":
             continue
-        assert group["lr"] == GINGER_HP["learning_rate"]
-        assert tuple(group["betas"]) == (GINGER_HP["adam_beta1"], GINGER_HP["adam_beta2"])
-        assert (group["tau"], group["damping"], group["rho"]) == (4, 1e-5, 1.0)
+        assert group["lr"] == (GINGER_HP["learning_rate"] if config == "ginger_paper" else ADAMW_HP["learning_rate"])
+        for key, value in preset.items():
+            if key != "curvature_scale":
+                assert group[key] == value, key
+        assert opt.curvature_scale == preset["curvature_scale"]
+    if config == "ginger_paper":
+        assert tuple(group["betas"]) == (GINGER_HP["adam_beta1"], GINGER_HP["beta2"])
+        assert (group["tau"], group["damping"], group["rho"], group["blocks"]) == (4, 1e-5, 1.0, "tensor")
 
 
 def write_jsonl_gz(path: Path, rows: list[dict]) -> None:

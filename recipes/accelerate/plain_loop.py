@@ -1,6 +1,6 @@
 """Ginger in a plain Accelerate loop (no Trainer), with sampled-label (``mc``) curvature.
 
-One process, DDP on several GPUs and bf16/fp16 all come from the ``accelerate launch`` config
+One process, DDP or FSDP2 on several GPUs and bf16/fp16 all come from the ``accelerate launch`` config
 (see recipes/accelerate/*.yaml); on CPU use ``torchrun --nproc_per_node 2 plain_loop.py --cpu``.
 The model is a tiny T5 learning to copy its input, so the script runs anywhere in seconds:
 replace ``build_model`` and ``build_data`` with yours.
@@ -20,10 +20,14 @@ import ginger_hf
 
 
 def build_model() -> T5ForConditionalGeneration:
-    return T5ForConditionalGeneration(T5Config(
+    model = T5ForConditionalGeneration(T5Config(
         vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     ))
+    # FSDP2 (accelerate) shards the input embedding together with lm_head; make T5's encoder and decoder use that
+    # one module rather than their own modules sharing its weight, which fully_shard would see twice.
+    model.set_input_embeddings(model.get_input_embeddings())
+    return model
 
 
 def build_data(n: int = 512) -> list[dict[str, torch.Tensor]]:
@@ -53,7 +57,7 @@ def main() -> None:
                                          generator=torch.Generator().manual_seed(0),
                                          collate_fn=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]})
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    ginger_hf.sync_curvature(optimizer, model)  # DDP: sum curvature over ranks; no-op on one process
+    ginger_hf.sync_curvature(optimizer, model)  # DDP / FSDP2: sum curvature over ranks; no-op on one process
 
     step = 0
     if args.resume_from:

@@ -87,7 +87,34 @@ def run_recipe(tiny_local: str, out: str) -> None:
     torch.save({"results": results, "world": dist.get_world_size()}, os.path.join(out, f"rank{dist.get_rank()}.pt"))
 
 
+def run_plain_loop(argv: list[str]) -> None:
+    """recipes/accelerate/plain_loop.py under accelerate's FSDP2, forced on CPU like the Trainer above: every
+    ``Accelerator`` switches its state to FSDP with the plugin that fsdp2_multi_gpu_bf16.yaml gives (no bf16)."""
+    import runpy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = Accelerator.__init__
+
+    def forced(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
+                                                auto_wrap_policy="transformer_based_wrap",
+                                                state_dict_type="SHARDED_STATE_DICT")
+        AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    Accelerator.__init__ = forced
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "accelerate", "plain_loop.py")
+    sys.argv = [script, *argv]
+    runpy.run_path(script, run_name="__main__")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--plain-loop"]:
+        return run_plain_loop(sys.argv[2:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--curvature", default="mc")
