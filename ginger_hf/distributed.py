@@ -171,7 +171,6 @@ def sync_curvature(optimizer, model) -> bool:
     if sharded_curvature.is_fsdp2_model(model):
         sharded_curvature.remember_model(ginger, model)
         ginger.curvature_group = None
-        ginger._warned_unsynced = True  # the curvature is summed before step(): no "not synchronised" warning
         return sharded_curvature.mesh_group(model.parameters()) is not None
     group = None
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and dist.get_world_size(model.process_group) > 1:

@@ -369,9 +369,12 @@ class Ginger(Optimizer):
         return plan
 
     def _sync_curvature(self, plan) -> None:
-        """Sum the step's ``mc`` curvature vectors over ``curvature_group``: one all-reduce, none if there are none."""
-        slots = [(entries, i) for _, entries in plan for i, (_, _, g, c) in enumerate(entries)
-                 if c is not None and c is not g]
+        """Sum the step's ``mc`` curvature vectors over ``curvature_group``: one all-reduce, none if there are none.
+
+        FSDP2 parameters are skipped: their vectors arrive summed already (``ginger_hf.sharded_curvature``).
+        """
+        slots = [(entries, i) for _, entries in plan for i, (key, _, g, c) in enumerate(entries)
+                 if c is not None and c is not g and not sharding.is_dtensor(key)]
         if not slots:
             return
         if self.curvature_group is None:

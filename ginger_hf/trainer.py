@@ -16,7 +16,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .curvature_hook import attach_curvature_hook, check_loss_kind, reattach_after_fsdp
-from .distributed import DATA_PARALLEL, trainer_curvature_group, trainer_uses_fsdp2
+from .distributed import DATA_PARALLEL, trainer_curvature_group
 from .lora import param_roles, split_param_groups
 from .optim_args import parse_optim_args
 from .optimizer import PRESETS, Ginger, unwrap_ginger
@@ -46,9 +46,7 @@ class TrainerGinger(Ginger):
         **kwargs: Any,
     ):
         super().__init__(split_param_groups(params, roles or {}), **kwargs)
-        self.curvature_group = trainer_curvature_group()  # DDP: sum mc curvature over ranks
-        if trainer_uses_fsdp2():  # the hook reduce-scatters mc curvature before step(): nothing left to sum there
-            self._warned_unsynced = True
+        self.curvature_group = trainer_curvature_group()  # DDP: sum mc curvature over ranks (FSDP2: the hook does)
         self.grad_scaler = None  # fp16: accelerate's GradScaler, set by GingerAmpCallback
         self.log_stats = log_stats
         if log_stats:

@@ -43,7 +43,7 @@ COLLECTIVES = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scat
 
 
 def _buffer(kind: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The full-size buffer of a collective: all_reduce's tensor, the reduce-scatter's input, the all-gather's output."""
+    """A collective's full-size buffer: all_reduce's tensor, the reduce-scatter's input, the all-gather's output."""
     if kind == "all_reduce":
         return args[0] if args else kwargs["tensor"]
     if kind == "reduce_scatter":
@@ -206,7 +206,8 @@ def main() -> None:
             "world": world, "device": str(device), "parameters": params, "param_bytes": 4 * params,
             "config": {**vars(args), **{k: v for k, v in hp.items() if k != "lr"}},
             "bytes_per_step": per_step, "calls_per_step": calls,
-            "ginger_bytes_per_step": ginger_bytes, "curvature_pass_all_gather_bytes": per_step.get("curvature/all_gather", 0),
+            "ginger_bytes_per_step": ginger_bytes,
+            "curvature_pass_all_gather_bytes": per_step.get("curvature/all_gather", 0),
             "state_bytes_per_rank": sharded_state, "state_bytes_unsharded": state_bytes(ref_opt),
             "step_seconds_sharded": median(sharded_times), "step_seconds_unsharded": median(ref_times),
         }

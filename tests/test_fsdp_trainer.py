@@ -9,11 +9,10 @@ DTensors afterwards, FSDP state-dict checkpoints).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch

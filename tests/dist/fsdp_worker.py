@@ -8,9 +8,10 @@ every global batch, against one process on the whole batches (run on rank 0 in-p
 writes the relative parameter error (and that of the first step's gradients), the per-rank
 and unsharded state bytes, the all-reduces counted in each ``optimizer.step()`` and the
 collectives of each ``add_sampled_label_curvature`` call. CURVATURE ``empirical`` (default) or
-``mc``: sampled labels fixed per (step, half of the global batch), so both sides draw the same. MODE ``save`` / ``resume``: train 10 steps
-and save a DCP checkpoint (model and optimizer); load it (in the same or another world size)
-and continue to step 20; every rank writes its parameters (full tensors) after step 20.
+``mc``: sampled labels fixed per (step, half of the global batch), so both sides draw the same.
+MODE ``save`` / ``resume``: train 10 steps and save a DCP checkpoint (model and optimizer); load
+it (in the same or another world size) and continue to step 20; every rank writes its parameters
+(full tensors) after step 20.
 Run with one process, the same modes use the unsharded model (the 1-rank side of a reshard).
 """
 
