@@ -318,9 +318,7 @@ def _decide(views, states, sums, layouts, sync):
     One decision for all tensors (and, sharded, all ranks); the sums come to the host in one
     transfer per device. Updates the counters.
     """
-    bad = torch.stack([torch.stack([~torch.isfinite(layouts[t.n].view(s, "mm")).all(),
-                                    ~torch.isfinite(layouts[t.n].view(s, "cc")).all()]).to(s.device)
-                       for t, s in zip(views, sums)]).to(torch.float64)
+    bad = _non_finite_counts(views, sums, layouts)
     if sync is not None:
         sums, bad = sync(sums, bad)
     sums = _to_host(sums)
@@ -337,6 +335,21 @@ def _decide(views, states, sums, layouts, sync):
         applied.append(ok)
         refresh.append(fresh)
     return sums, applied, refresh
+
+
+def _non_finite_counts(views, sums, layouts) -> Tensor:
+    """``(N, 2)`` float64: per tensor, how many of its blocks have a non-finite ``m'`` (gradient) and ``c``.
+
+    ``m'.m'`` and ``c.c`` are float64 sums of exact squares: finite iff every element is.
+    """
+    devices = {s.device for s in sums}
+    if len(devices) > 1:  # tensors on several devices: one small reduction each
+        return torch.stack([_non_finite_counts([t], [s], layouts).to("cpu") for t, s in zip(views, sums)])[:, 0]
+    squares = torch.stack([torch.cat([layouts[t.n].view(s, name) for t, s in zip(views, sums)]) for name in ("mm", "cc")], 1)
+    owner = torch.repeat_interleave(torch.arange(len(views), device=squares.device),
+                                    torch.tensor([t.B for t in views], device=squares.device))
+    counts = torch.zeros(len(views), 2, dtype=torch.float64, device=squares.device)
+    return counts.index_add_(0, owner, (~torch.isfinite(squares)).to(torch.float64))
 
 
 def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, lengths, stats):

@@ -128,26 +128,29 @@ def applies(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> boo
 
 
 def _blocks(jobs, refresh: list[bool]) -> tuple[Tensor, Tensor, int]:
-    """Per-block ``(k, refresh, ustride)`` rows of every job's tensor, and a thread count."""
-    rows = []
-    for (t, *_), r in zip(jobs, refresh):
-        rows.append(torch.tensor([t.k, int(r), t.B * t.k], dtype=torch.int64).expand(t.B, 3))
-    blocks = torch.cat(rows).contiguous()
-    work = int(blocks[:, 0].sum())
+    """Per-block ``(k, refresh, ustride)`` rows of every job's tensor (built at once), and a thread count."""
+    views = [job[0] for job in jobs]
+    counts = torch.tensor([t.B for t in views])
+    per_tensor = torch.tensor([[t.k, int(r), t.B * t.k] for t, r in zip(views, refresh)], dtype=torch.int64)
+    blocks = per_tensor.repeat_interleave(counts, dim=0)
+    work = sum(t.B * t.k for t in views)
     return blocks, work, 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
 
 
 def _pointers(jobs, columns) -> Tensor:
-    """Per-block data pointers: ``columns`` are functions of a job's tensor view (``None``: 0)."""
-    out = []
-    for t, *_ in jobs:
-        offsets = torch.arange(t.B, dtype=torch.int64) * t.k
-        cols = []
-        for col in columns:
-            x = col(t)
-            cols.append(torch.zeros(t.B, dtype=torch.int64) if x is None else x.data_ptr() + offsets * x.element_size())
-        out.append(torch.stack(cols, 1))
-    return torch.cat(out).contiguous()
+    """Per-block data pointers: ``columns`` are functions of a job's tensor view (``None``: 0). Built at once:
+    block ``b`` of a tensor starts ``b * k`` elements after the tensor's own pointer."""
+    views = [job[0] for job in jobs]
+    counts = torch.tensor([t.B for t in views])
+    first = torch.cumsum(counts, 0) - counts
+    index = torch.arange(int(counts.sum())) - first.repeat_interleave(counts)  # block index within its tensor
+    cols = []
+    for col in columns:
+        xs = [col(t) for t in views]
+        base = torch.tensor([0 if x is None else x.data_ptr() for x in xs], dtype=torch.int64)
+        step = torch.tensor([0 if x is None else t.k * x.element_size() for t, x in zip(views, xs)], dtype=torch.int64)
+        cols.append(base.repeat_interleave(counts) + index * step.repeat_interleave(counts))
+    return torch.stack(cols, 1).contiguous()
 
 
 def _groups(jobs, key):
