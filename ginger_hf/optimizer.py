@@ -34,7 +34,7 @@ ALGORITHMS = ("ginger", "adamw")
 # (GINGER.md section 5), one argument away. Why each value: docs/research.md.
 PRESETS: dict[str, dict[str, Any]] = {
     "recommended": dict(betas=(0.9, 0.99), tau=4, blocks="row", power=0.5, damping=1e-12, relative_damping=0.1,
-                        rho=None, bias_correction=True, curvature="mc", curvature_interval=1, curvature_scale="mean"),
+                        rho=None, bias_correction=True, curvature="mc", curvature_interval=4, curvature_scale="mean"),
     "paper": dict(betas=(0.9, 0.99), tau=4, blocks="tensor", power=1.0, damping=1e-5, relative_damping=0.0,
                   rho=1.0, bias_correction=False, curvature="mc", curvature_interval=1, curvature_scale="sqrt"),
 }
