@@ -524,8 +524,9 @@ inline double powm(double x, double power) {  // x^-power, exact paths for the t
   return power == 1.0 ? 1 / x : power == 0.5 ? 1 / std::sqrt(x) : std::pow(x, -power);
 }
 
-// Per-block parameters: beta2, damping, relative_damping, power, debias, k, momentum_debias, tolerance.
-constexpr int NPARAM = 8;
+// Per-block parameters: beta2, damping, relative_damping, power, debias (of s), k, momentum_debias,
+// tolerance, debias_e (of e).
+constexpr int NPARAM = 9;
 
 // Solve one block; out row: coefficients (CoefView places; lr, decay, rho left to the caller), then
 // [s (n), R (n*n), e, rotate, update_sq, span_sq] from rest0 on.
@@ -598,8 +599,8 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
   double dot_nu_um = v_c * cm;
   for (int i = 0; i < n; ++i) dot_nu_um += v_u[i] * um[i];
   for (int i = 0; i < n; ++i) { sn[i] = std::fmax(lam[i + 1], 0.0); umn[i] = um[i] - shift[i] * dot_nu_um; }
-  const double en = beta2 * e + (1 - beta2) * cc;
-  const double gamma = damping + rel * en / (debias * k);
+  const double en = beta2 * e + (1 - beta2) * stats[sv.gg];  // e: the gradient's energy, every step
+  const double gamma = damping + rel * en / (prm[8] * k);
   double phi[64], y[64] = {}, a[64] = {};
   for (int i = 0; i < n; ++i) {
     phi[i] = 1 - powm((gamma + sn[i] / debias) / gamma, power);
@@ -627,12 +628,14 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
 }
 
 // A step that keeps the model: u = scale (m' - a.U) with a = R^T (phi * R U m'); out row as solve_block's
-// coefficients, then [update_sq, span_sq] from rest0 on.
+// coefficients, then [update_sq, span_sq, e] from rest0 on.
 void keep_block(int n, const double* stats, const StatsView& sv, const double* s, const double* R, double e,
                 const double* prm, double* out, const CoefView& cv, int64_t rest0) {
-  const double damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5], mdebias = prm[6];
+  const double beta2 = prm[0], damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5];
+  const double mdebias = prm[6];
   const double* um = stats + sv.um;
-  const double gamma = damping + rel * e / (debias * k);
+  const double en = beta2 * e + (1 - beta2) * stats[sv.gg];  // e: the gradient's energy, every step
+  const double gamma = damping + rel * en / (prm[8] * k);
   double y[64] = {}, phi[64], a[64] = {};
   for (int i = 0; i < n; ++i) {
     phi[i] = 1 - powm((gamma + s[i] / debias) / gamma, power);
@@ -649,6 +652,7 @@ void keep_block(int n, const double* stats, const StatsView& sv, const double* s
   for (int i = 0; i < n; ++i) out[cv.shrink + i] = a[i];
   out[rest0] = scale * scale * std::fmax(upd, 0.0);
   out[rest0 + 1] = scale * scale * span;
+  out[rest0 + 2] = en;
 }
 
 }  // namespace

@@ -17,7 +17,7 @@ shards like the parameter:
 * ``R``  ``(B, n, n)``        float64: each block's eigenbasis is ``R U`` (the fast path keeps a
   rotation here so that it can move ``U`` by cheap reflections; this reference makes ``R U``
   explicit and leaves ``R = I``);
-* ``e``  ``(B,)``             EMA of ``|c|^2`` per block (the scale of relative damping), float64;
+* ``e``  ``(B,)``             EMA of ``|g|^2`` per block, every step (the scale of relative damping), float64;
 * ``step``, ``curvature_steps``, ``skipped``, ``curvature_skipped``: counters (ints).
 """
 
@@ -122,14 +122,17 @@ def update_curvature(U: Tensor, s: Tensor, c: Tensor, beta2: float) -> Tensor:
 
 
 def damping_of(state: dict[str, Any], hyper: Hyper, k: int) -> tuple[Tensor, float]:
-    """Each block's ``gamma = damping + relative_damping * e_hat / k``, and the debias factor of ``s`` and ``e``.
+    """Each block's ``gamma = damping + relative_damping * e_hat / k``, and the debias factor of ``s``.
 
-    With ``bias_correction`` the curvature model, a zero-started EMA like Adam's second
-    moment, is divided by ``1 - beta2^q`` (``q`` = refreshes so far).
+    ``e`` is the EMA of the block's squared gradient norm, updated every step (Adam-mini's per-block
+    second moment), so ``e / k`` is the block's mean gradient energy per coordinate. With
+    ``bias_correction`` the zero-started EMAs are divided as Adam divides its second moment:
+    ``e`` by ``1 - beta2^t`` (``t`` steps), the curvature model by ``1 - beta2^q`` (``q`` refreshes).
     """
-    q = state["curvature_steps"]
-    debias = 1 - hyper.beta2**q if hyper.bias_correction and q > 0 else 1.0
-    return hyper.damping + hyper.relative_damping * state["e"] / (debias * k), debias
+    t, q = state["step"], state["curvature_steps"]
+    debias_e = 1 - hyper.beta2**t if hyper.bias_correction and t > 0 else 1.0
+    debias_s = 1 - hyper.beta2**q if hyper.bias_correction and q > 0 else 1.0
+    return hyper.damping + hyper.relative_damping * state["e"] / (debias_e * k), debias_s
 
 
 def precondition(U: Tensor, s: Tensor, gamma: Tensor, v: Tensor, power: float) -> Tensor:
@@ -181,10 +184,10 @@ def ginger(
         if c is not None:
             c = c.reshape(B, k)
             U.copy_(update_curvature(U, state["s"], c, hp.beta2))
-            state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(c, dim=1, dtype=torch.float64).square(),
-                                           alpha=1 - hp.beta2)
             state["curvature_steps"] += 1
-        m.lerp_(grad.reshape(B, k).to(m.dtype), 1 - beta1)
+        g = grad.reshape(B, k)
+        state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(), alpha=1 - hp.beta2)
+        m.lerp_(g.to(m.dtype), 1 - beta1)
         gamma, debias = damping_of(state, hp, k)
         u = precondition(U, state["s"] / debias, gamma, m / (1 - beta1 ** state["step"]), hp.power)
         if hp.rho is not None:

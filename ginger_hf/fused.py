@@ -363,6 +363,7 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
     for i in applied_idx:
         groups[(views[i].n, refresh[i])].append(i)
     new_small: list[tuple[int, Tensor, Tensor, Tensor]] = []
+    new_e: list[tuple[int, Tensor]] = []
     rotations: list[tuple[list[int], Tensor, list[int]]] = []
     for (n, fresh), idx in groups.items():
         layout, clay = layouts[n], CoefLayout(n)
@@ -386,11 +387,13 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
         for i, piece in zip(idx, C.split(sizes)):
             coefs[i] = piece
         if fresh:
-            new_small += zip(idx, out["s"].split(sizes), out["R"].split(sizes), out["e"].split(sizes))
+            new_small += zip(idx, *(out[name].split(sizes) for name in ("s", "R", "e")))
             rotations.append((idx, out["rotate"], sizes))
-    if new_small:
-        _copy_to([states[i][name] for i, *_ in new_small for name in ("s", "R", "e")],
-                 [x for _, *values in new_small for x in values])
+        else:
+            new_e += zip(idx, out["e"].split(sizes))
+    if new_small or new_e:
+        dests = [states[i][name] for i, *_ in new_small for name in ("s", "R", "e")] + [states[i]["e"] for i, _ in new_e]
+        _copy_to(dests, [x for _, *values in new_small for x in values] + [e for _, e in new_e])
     if rotations:
         flat_idx = [i for idx, _, _ in rotations for i in idx]
         anys = torch.stack([part.any() for _, r, sizes in rotations for part in r.split(sizes)]).tolist()
@@ -453,10 +456,11 @@ def _gather_blocks(idx, views, states, hypers, small, hp, beta1, lengths) -> Blo
     def rows(values):
         return torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), sizes)
 
-    debias = []
+    debias, debias_e = [], []
     for i, h in zip(idx, hypers):
-        q = states[i]["curvature_steps"]
+        q, t = states[i]["curvature_steps"], states[i]["step"]
         debias.append(1 - h.beta2**q if h.bias_correction and q > 0 else 1.0)
+        debias_e.append(1 - h.beta2**t if h.bias_correction and t > 0 else 1.0)
     return Blocks(
         s=torch.cat([small[i][0] for i in idx]),
         R=torch.cat([small[i][1] for i in idx]),
@@ -464,6 +468,7 @@ def _gather_blocks(idx, views, states, hypers, small, hp, beta1, lengths) -> Blo
         k=rows(lengths),
         beta2=hp["beta2"], damping=hp["damping"], relative_damping=hp["relative_damping"], power=hp["power"],
         debias=rows(debias),
+        debias_e=rows(debias_e),
         momentum_debias=rows([1 - beta1 ** states[i]["step"] for i in idx]),
         tolerance=rows([in_span_tolerance(views[i].U.dtype) for i in idx]),
     )

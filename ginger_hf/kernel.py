@@ -206,7 +206,7 @@ def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     lib = _get()
     n, N = layout.n, stats.shape[0]
     params = torch.stack([bl.beta2, bl.damping, bl.relative_damping, bl.power, bl.debias, bl.k,
-                          bl.momentum_debias, bl.tolerance], 1).contiguous()
+                          bl.momentum_debias, bl.tolerance, bl.debias_e], 1).contiguous()
     width = clay.width + n + n * n + 4
     out = torch.zeros(N, width, dtype=torch.float64)
     stats, s, R, e = (x.contiguous() for x in (stats, bl.s, bl.R, bl.e))
@@ -228,8 +228,8 @@ def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     lib = _get()
     n, N = layout.n, stats.shape[0]
     params = torch.stack([bl.beta2, bl.damping, bl.relative_damping, bl.power, bl.debias, bl.k,
-                          bl.momentum_debias, bl.tolerance], 1).contiguous()
-    width = clay.width + 2
+                          bl.momentum_debias, bl.tolerance, bl.debias_e], 1).contiguous()
+    width = clay.width + 3
     out = torch.zeros(N, width, dtype=torch.float64)
     stats, s, R, e = (x.contiguous() for x in (stats, bl.s, bl.R, bl.e))
     stats_offsets, coef_offsets = _offsets(layout, _STATS), _offsets(clay, _COEFS)  # alive through the call
@@ -238,4 +238,4 @@ def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel keep solve failed ({rc})")
     return dict(scale=clay.view(out, "scale"), shrink=clay.view(out, "shrink"), update_sq=out[:, clay.width],
-                span_sq=out[:, clay.width + 1])
+                span_sq=out[:, clay.width + 1], e=out[:, clay.width + 2])

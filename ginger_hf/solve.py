@@ -85,7 +85,8 @@ class Blocks:
     """Per-block inputs of the small solve, all float64 on the host, batch ``(N,)`` first.
 
     ``k`` block length; ``beta2``, ``damping``, ``relative_damping``, ``power``, ``debias``
-    (``1 - beta2^q`` after this step's refresh, or 1), ``momentum_debias`` (``1 - beta1^t``),
+    (of the curvature model: ``1 - beta2^q`` after this step's refresh, or 1), ``debias_e``
+    (of ``e``: ``1 - beta2^t``, or 1), ``momentum_debias`` (``1 - beta1^t``),
     ``tolerance`` (``in_span_tolerance`` of the state dtype).
     """
 
@@ -98,6 +99,7 @@ class Blocks:
     relative_damping: Tensor
     power: Tensor
     debias: Tensor
+    debias_e: Tensor
     momentum_debias: Tensor
     tolerance: Tensor
 
@@ -152,7 +154,7 @@ def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tens
     ``phi = 1 - (gamma / (gamma + s_hat))^power``; with ``y = B m'``,
     ``|u|^2 = scale^2 (|m'|^2 - sum (2 phi - phi^2) y^2)`` and ``|B u|^2 = scale^2 sum ((1 - phi) y)^2``.
     """
-    gamma = bl.damping + bl.relative_damping * e / (bl.debias * bl.k)
+    gamma = bl.damping + bl.relative_damping * e / (bl.debias_e * bl.k)
     s_hat = s / bl.debias[:, None]
     phi = 1 - (gamma[:, None] / (gamma[:, None] + s_hat)).pow(bl.power[:, None])
     y = (R @ um[..., None])[..., 0]
@@ -163,9 +165,15 @@ def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tens
     return dict(shrink=a, scale=scale, update_sq=update_sq, span_sq=span_sq)
 
 
+def _gradient_energy(bl: Blocks, layout: StatsLayout, stats: Tensor) -> Tensor:
+    """``e <- beta2 e + (1 - beta2) |g|^2``, every step: the scale of relative damping."""
+    return bl.beta2 * bl.e + (1 - bl.beta2) * layout.view(stats, "gg")
+
+
 def solve_keep(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, Tensor]:
-    """Coefficients of a step that keeps the curvature model (no refresh)."""
-    return _direction(bl, bl.s, bl.e, bl.R, layout.view(stats, "um"), layout.view(stats, "mm"))
+    """Coefficients of a step that keeps the curvature model (no refresh), and the new ``e``."""
+    e_new = _gradient_energy(bl, layout, stats)
+    return dict(_direction(bl, bl.s, e_new, bl.R, layout.view(stats, "um"), layout.view(stats, "mm")), e=e_new)
 
 
 def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, Tensor]:
@@ -208,7 +216,7 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     shift = torch.where(rotate[:, None], (Wi @ beta[..., None])[..., 0], 0.0)
     v_u = (W @ v_u[..., None])[..., 0]
     s_new = lam[:, 1:].clamp_min(0)
-    e_new = bl.beta2 * bl.e + (1 - bl.beta2) * cc
+    e_new = _gradient_energy(bl, layout, stats)
     um_new = um - shift * ((v_u * um).sum(-1) + v_c * cm)[:, None]  # U_new m'
     out = _direction(bl, s_new, e_new, R_new, um_new, layout.view(stats, "mm"))
     return dict(out, s=s_new, R=R_new, e=e_new, rotate=rotate, shift=shift, v_u=v_u, v_c=v_c,

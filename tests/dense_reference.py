@@ -1,8 +1,9 @@
 """An independent dense float64 Ginger, straight from GINGER.md sections 2 and 6, for the exactness tests.
 
 Each block keeps its full ``k x k`` low-rank part ``L``, applies ``top_tau`` by an
-eigen-decomposition of ``L``, forms ``G = gamma I + L_hat`` and applies ``G^-power`` by a
-dense eigen-decomposition. Blocks are the rows of tensors with 2+ dims (``blocks="row"``)
+eigen-decomposition of ``L``, forms ``G = gamma I + L_hat`` (``gamma = damping + lambda *
+e_hat / k``, ``e`` the EMA of the block's ``|g|^2``) and applies ``G^-power`` by a dense
+eigen-decomposition. Blocks are the rows of tensors with 2+ dims (``blocks="row"``)
 or whole tensors.
 """
 
@@ -48,6 +49,7 @@ class DenseGinger:
         refresh = (self.t - 1) % self.interval == 0
         self.q += refresh
         debias = 1 - self.beta2**self.q if self.debias else 1.0
+        debias_e = 1 - self.beta2**self.t if self.debias else 1.0
         out = []
         for i, (theta, g, c) in enumerate(zip(thetas, grads, curvs)):
             B, k = self.splits[i]
@@ -58,8 +60,8 @@ class DenseGinger:
             for b in range(B):
                 if refresh:
                     self.L[i][b] = self._top_tau(self.beta2 * self.L[i][b] + (1 - self.beta2) * torch.outer(c[b], c[b]))
-                    self.e[i][b] = self.beta2 * self.e[i][b] + (1 - self.beta2) * float(c[b] @ c[b])
-                gamma = self.damping + self.lam * self.e[i][b] / (debias * k)
+                self.e[i][b] = self.beta2 * self.e[i][b] + (1 - self.beta2) * float(g[b] @ g[b])
+                gamma = self.damping + self.lam * self.e[i][b] / (debias_e * k)
                 G = gamma * torch.eye(k, dtype=torch.float64) + self.L[i][b] / debias
                 u = self._power(G, m_hat[b])
                 if self.rho is not None:

@@ -34,7 +34,7 @@ def random_blocks(N, n, k, seed, *, in_span=0.0, far_from_orthonormal=False):
     blocks = solve.Blocks(
         s=torch.rand(N, n, generator=gen, dtype=torch.float64).sort(-1).values, R=Q,
         e=torch.rand(N, generator=gen, dtype=torch.float64), k=full(k), beta2=full(0.95), damping=full(1e-3),
-        relative_damping=full(0.1), power=full(0.5), debias=full(0.6), momentum_debias=full(0.5),
+        relative_damping=full(0.1), power=full(0.5), debias=full(0.6), debias_e=full(0.7), momentum_debias=full(0.5),
         tolerance=full(solve.in_span_tolerance(torch.float64)))
     return blocks, layout, S
 
@@ -67,5 +67,5 @@ def test_cpp_keep_solve_matches_torch_keep_solve(n):
     blocks, layout, S = random_blocks(64, n, n + 7, seed=n)
     ref = solve.solve_keep(blocks, layout, S)
     out = kernel.solve_keep(blocks, layout, solve.CoefLayout(n), S)
-    for name in ("shrink", "scale", "update_sq", "span_sq"):
+    for name in ("shrink", "scale", "update_sq", "span_sq", "e"):
         assert (out[name] - ref[name]).abs().max() <= 1e-12 * ref[name].abs().max().clamp_min(1e-300), name
