@@ -104,7 +104,7 @@ def test_two_param_groups_with_their_own_hyperparameters(dtype):
     gen = torch.Generator().manual_seed(1)
     groups = [dict(params=[torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
                            for s in SHAPES], **hp) for hp in hps]
-    opt = Ginger(groups, curvature="mc")
+    opt = Ginger(groups, curvature="mc", curvature_interval=1)
     denses = [DenseGinger(SHAPES, **hp) for hp in hps]
     thetas = [[p.detach().double().reshape(-1).clone() for p in g["params"]] for g in groups]
     for _ in range(13):

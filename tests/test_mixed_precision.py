@@ -195,7 +195,7 @@ def test_trainer_fp16_scaler_overflow_skips_cleanly_and_scales_curvature_like_th
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     args = Seq2SeqTrainingArguments(
-        output_dir=str(tmp_path), optim="ginger", optim_args="tau=2,curvature=mc", learning_rate=1e-3,
+        output_dir=str(tmp_path), optim="ginger", optim_args="tau=2,curvature=mc,curvature_interval=1", learning_rate=1e-3,
         per_device_train_batch_size=4, max_steps=6, max_grad_norm=0.0, save_strategy="no", use_cpu=True,
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0,
     )

@@ -169,7 +169,7 @@ def count_gradient_computations(tmp_path, optim_args, steps, accumulation):
 
 
 def test_mc_mode_takes_two_gradients_per_micro_batch(tmp_path):
-    assert count_gradient_computations(tmp_path, "curvature=mc", steps=10, accumulation=2) == 2 * 20
+    assert count_gradient_computations(tmp_path, "curvature=mc,curvature_interval=1", steps=10, accumulation=2) == 2 * 20
 
 
 def test_empirical_mode_takes_one_gradient_per_micro_batch(tmp_path):
@@ -197,10 +197,11 @@ class CaptureBeforeStep(TrainerCallback):
         })
 
 
-def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls, shift, *extra, steps=3):
-    """Train with gradient accumulation 2 and compare each step's curvature vectors with an
-    independent computation: same parameters, same micro-batches, same sampled labels, and the
-    optimizer's ``curvature_scale`` (``/ N`` or ``/ sqrt(N)``)."""
+def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls, shift, *extra, steps=3,
+                            optim_args="curvature_interval=1"):
+    """Train with gradient accumulation 2, a curvature refresh every step, and compare each step's
+    curvature vectors with an independent computation: same parameters, same micro-batches, same
+    sampled labels, and the optimizer's ``curvature_scale`` (``/ N`` or ``/ sqrt(N)``)."""
     model = make_model()
     reference = copy.deepcopy(model)
     batches, sampled = [], []
@@ -219,8 +220,9 @@ def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls
     monkeypatch.setattr(ginger_hf.curvature, "sample_labels", spy)
     capture = CaptureBeforeStep()
     args = parse(
-        tmp_path, "--optim", "ginger", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
-        "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra, cls=Seq2SeqTrainingArguments,
+        tmp_path, "--optim", "ginger", "--optim_args", optim_args, "--max_steps", str(steps),
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra,
+        cls=Seq2SeqTrainingArguments,
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=data, callbacks=[capture])
     trainer.train()
@@ -243,10 +245,11 @@ def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls
     return capture, scale
 
 
-@pytest.mark.parametrize("optim_args,scale", [([], "mean"), (["--optim_args", "curvature_scale=sqrt"], "sqrt")])
+@pytest.mark.parametrize("optim_args,scale", [("curvature_interval=1", "mean"),
+                                              ("curvature_interval=1,curvature_scale=sqrt", "sqrt")])
 def test_trainer_curvature_matches_independent_computation_seq2seq(tmp_path, monkeypatch, optim_args, scale):
     _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_t5, seq2seq_data(), Seq2SeqTrainer, False,
-                                      *optim_args)
+                                      optim_args=optim_args)
     assert used == scale  # "mean" (/ N) is the recommended preset's; "sqrt" (/ sqrt(N)) the paper's
 
 
@@ -269,7 +272,8 @@ def test_gradient_clipping_leaves_curvature_unclipped(tmp_path, monkeypatch):
 def curvature_per_step(tmp_path, *extra, steps=3) -> list[dict[str, torch.Tensor]]:
     capture = CaptureBeforeStep()
     args = parse(
-        tmp_path, "--optim", "ginger", "--max_steps", str(steps), "--per_device_train_batch_size", "4",
+        tmp_path, "--optim", "ginger", "--optim_args", "curvature_interval=1", "--max_steps", str(steps),
+        "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3", *extra, cls=Seq2SeqTrainingArguments,
     )
     Seq2SeqTrainer(model=tiny_t5(), args=args, train_dataset=seq2seq_data(), callbacks=[capture]).train()
@@ -303,7 +307,7 @@ def test_reentrant_gradient_checkpointing_is_refused_naming_the_fix(tmp_path):
 
 def test_log_stats_reach_the_trainer_logs(tmp_path):
     args = parse(
-        tmp_path, "--optim", "ginger", "--optim_args", "log_stats=true,tau=2", "--max_steps", "6",
+        tmp_path, "--optim", "ginger", "--optim_args", "log_stats=true,tau=2,curvature_interval=1", "--max_steps", "6",
         "--logging_steps", "3", "--per_device_train_batch_size", "4",
     )
     capture = CaptureBeforeStep()

@@ -81,7 +81,7 @@ def run_recipe(tiny_local: str, out: str) -> None:
         "--predict_with_generate", "--generation_max_length", "8", "--max_source_length", "48",
         "--max_target_length", "12",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "3", "--max_steps", "3",
-        "--optim", "ginger", "--optim_args", "tau=2", "--learning_rate", "1e-3", "--save_strategy", "no",
+        "--optim", "ginger", "--optim_args", "tau=2,curvature_interval=1", "--learning_rate", "1e-3", "--save_strategy", "no",
         "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo", "--disable_tqdm", "true",
         "--dataloader_num_workers", "0", "--fsdp", "--fsdp_config", fsdp_config,
     ])
@@ -145,7 +145,7 @@ def main() -> None:
         fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": True, "state_dict_type": args.state_dict_type,
                                 "transformer_layer_cls_to_wrap": [layer]})
     targs = Seq2SeqTrainingArguments(
-        output_dir=os.path.join(args.out, "run"), optim="ginger", optim_args=f"tau=2,curvature={args.curvature}",
+        output_dir=os.path.join(args.out, "run"), optim="ginger", optim_args=f"tau=2,curvature={args.curvature},curvature_interval=1",
         learning_rate=3e-3, per_device_train_batch_size=args.batch, gradient_accumulation_steps=args.accum,
         max_steps=args.steps, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=0,

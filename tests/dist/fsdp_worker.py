@@ -31,7 +31,7 @@ import tiny  # noqa: E402
 import ginger_hf  # noqa: E402
 
 STEPS, SAVE_AT, BATCH = 20, 10, 8
-HP = dict(lr=3e-3, tau=3, curvature="empirical")
+HP = dict(lr=3e-3, tau=3, curvature="empirical", curvature_interval=1)
 
 
 def batches(seed=0):

@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(1)
     targs = Seq2SeqTrainingArguments(
         output_dir=os.path.join(args.out, "run"), optim="ginger",
-        optim_args=",".join(filter(None, [f"tau=2,curvature={args.curvature}", args.optim_args])),
+        optim_args=",".join(filter(None, [f"tau=2,curvature={args.curvature},curvature_interval=1", args.optim_args])),
         learning_rate=3e-3, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=6,
         save_strategy="no", use_cpu=True, ddp_backend="gloo", report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, seed=0, logging_steps=1, average_tokens_across_devices=not args.no_average_tokens,
