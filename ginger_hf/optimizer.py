@@ -164,11 +164,13 @@ class Ginger(Optimizer):
         power: the step is ``G^-power m_hat``: 1 as in the paper, 0.5 the root (Adam, Shampoo, GGT).
         damping: absolute part of ``gamma``.
         relative_damping: ``lambda``: ``gamma = damping + lambda * e_hat / k``, with ``e_hat`` the
-            (bias-corrected) EMA of the block's squared curvature norm and ``k`` its length: a
-            damping on the scale of the mean curvature per coordinate.
+            EMA (rate ``beta2``, updated every step, bias-corrected) of the block's squared gradient
+            norm and ``k`` its length: a damping on the scale of the block's mean squared gradient
+            per coordinate (Adam-mini's per-block second moment), so that it bounds the step between
+            curvature refreshes too.
         rho: elementwise clip of the preconditioned direction; ``None`` disables it.
-        bias_correction: divide the curvature model (and ``e``) by ``1 - beta2^q`` like Adam's
-            second moment (``q`` = refreshes so far).
+        bias_correction: divide the curvature model by ``1 - beta2^q`` (``q`` = refreshes so
+            far) and ``e`` by ``1 - beta2^t`` (``t`` = steps), like Adam's second moment.
         weight_decay: decoupled weight decay.
         curvature: ``"mc"`` (the caller supplies ``param.curvature``, e.g. with
             ``ginger_hf.add_sampled_label_curvature``) or ``"empirical"`` (the gradient).
