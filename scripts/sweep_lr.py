@@ -11,9 +11,9 @@ with one lever changed (``LEVERS`` below; the research log in docs/research.md s
 exists). Every run is the full task of scripts/compare.py (same model, data, steps, schedule,
 seed) without ROUGE generation; each finished run appends one JSON line (config, lr, final
 eval loss, eval curve, seconds per step, Ginger statistics) to ``--output``, so sweeps can be
-split across processes and resumed (runs already in the file are skipped). ``--report``
-prints the table of a file: per config, each lr's final eval loss, the best marked, and
-whether the best sits at an edge of the grid.
+split across processes and resumed (runs already in the file are skipped). ``--report FILE...``
+prints one grid per task (config x lr, final eval loss), each config's best in bold, marked
+``(edge)`` when it sits at an end of its grid.
 """
 
 from __future__ import annotations
@@ -78,37 +78,49 @@ def done_runs(path: Path) -> set[tuple[str, str, float, int]]:
     return {(r["task"], r["config"], r["lr"], r["max_steps"]) for r in rows}
 
 
-def report(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    lines = ["| task | config | lr | eval loss | s/step | best |", "|---|---|---|---|---|---|"]
+def report(paths: list[Path], configs: list[str] | None = None) -> str:
+    """One grid per task: a row per config, a column per learning rate, the best of each row in bold
+    (marked ``edge`` when it sits at an end of the row's grid or the row has fewer than 3 runs)."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    tables = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        for config in dict.fromkeys(r["config"] for r in rows if r["task"] == task):
-            runs = sorted((r for r in rows if r["task"] == task and r["config"] == config), key=lambda r: r["lr"])
-            best = min(runs, key=lambda r: r["eval_loss"])
-            edge = len(runs) < 3 or best is runs[0] or best is runs[-1]
-            for r in runs:
-                mark = ("**best**" + (" (edge)" if edge else "")) if r is best else ""
-                lines.append(f"| {task} | {config} | {r['lr']:g} | {r['eval_loss']:.3f} | {r['sec_per_step']:.3f} | {mark} |")
-    return "\n".join(lines)
+        mine = [r for r in rows if r["task"] == task and (configs is None or r["config"] in configs)]
+        lrs = sorted({r["lr"] for r in mine})
+        order = configs or list(dict.fromkeys(r["config"] for r in mine))
+        lines = [f"| {task} | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+        for config in order:
+            runs = {r["lr"]: r["eval_loss"] for r in mine if r["config"] == config}
+            if not runs:
+                continue
+            best = min(runs, key=runs.get)
+            edge = len(runs) < 3 or best in (min(runs), max(runs))
+            cells = [("" if lr not in runs else f"**{runs[lr]:.3f}**" + (" (edge)" if edge else "") if lr == best
+                      else f"{runs[lr]:.3f}") for lr in lrs]
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=proxy.TASKS, default="scratch")
-    p.add_argument("--configs", default="ginger,ginger_paper,adamw,adafactor",
-                   help="comma-separated optimizer names or lever:NAME")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated optimizer names or lever:NAME (default: ginger,ginger_paper,adamw,adafactor; "
+                        "with --report: every config in the files)")
     p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the task's grid)")
     p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=None, help="JSON lines file (default outputs/sweeps/TASK.jsonl)")
-    p.add_argument("--report", action="store_true", help="print the table of --output and exit")
+    p.add_argument("--report", nargs="*", type=Path, default=None, metavar="FILE",
+                   help="print the grids of these JSON lines files (default: --output) and exit")
     args = p.parse_args(argv)
     output = args.output or Path("outputs/sweeps") / f"{args.task}.jsonl"
-    if args.report:
-        print(report(output))
+    chosen = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    if args.report is not None:
+        print(report(args.report or [output], chosen))
         return
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS[args.task]
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    configs = chosen or ["ginger", "ginger_paper", "adamw", "adafactor"]
     for c in configs:
         resolve(c)  # fail before any training
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -117,3 +117,21 @@ def test_proxy_model_has_the_sane_init():
     with torch.no_grad():
         logits = model(**batch, labels=tokenizer(["editor"], return_tensors="pt").input_ids).logits
     assert 0.3 < logits.std().item() < 3.0
+
+
+def test_sweep_report_grid_marks_each_best_and_grid_edges(tmp_path, capsys):
+    sweep = load_script("sweep_lr")
+    runs = [("scratch", "ginger", 1e-3, 5.9), ("scratch", "ginger", 3e-3, 5.5), ("scratch", "ginger", 1e-2, 5.7),
+            ("scratch", "adamw", 1e-3, 5.8), ("scratch", "adamw", 3e-3, 6.0), ("scratch", "adamw", 1e-2, 6.1),
+            ("lora", "ginger", 1e-3, 6.3)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(dict(task=t, config=c, lr=lr, eval_loss=loss)) + "\n" for t, c, lr, loss in runs))
+    sweep.main(["--report", str(path)])
+    scratch, lora = capsys.readouterr().out.strip().split("\n\n")
+    lines = scratch.splitlines()
+    assert lines[0] == "| scratch | 0.001 | 0.003 | 0.01 |"
+    assert lines[2] == "| ginger | 5.900 | **5.500** | 5.700 |"  # best inside the grid
+    assert lines[3] == "| adamw | **5.800** (edge) | 6.000 | 6.100 |"  # best at the grid's end
+    assert lora.splitlines()[2] == "| ginger | **6.300** (edge) |"  # fewer than 3 runs
+    sweep.main(["--report", str(path), "--configs", "adamw"])
+    assert "ginger" not in capsys.readouterr().out.split("\n\n")[0]
