@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every learning-rate sweep behind README "Results" (64 runs, about 2 hours of one CPU core; lines can run in parallel).
+# Each run appends a JSON line to outputs/final/TASK.jsonl and is skipped if it is already there;
+# the tables: python scripts/sweep_lr.py --report outputs/final/{scratch,finetune,lora}.jsonl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+$PY scripts/sweep_lr.py --task scratch --configs ginger --lrs 0.0003,0.001,0.003 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task scratch --configs ginger_paper --lrs 0.0003,0.001,0.003 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task scratch --configs adamw --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task scratch --configs adafactor --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task scratch --configs lever:tensor_blocks --lrs 0.0003,0.001,0.003 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task scratch --configs lever:empirical --lrs 0.0003,0.001,0.003 --output outputs/final/scratch.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs ginger --lrs 0.001,0.003,0.01 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs ginger_paper --lrs 0.0003,0.001,0.003 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs adamw --lrs 0.0001,0.0003,0.001,0.003,0.01 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs adafactor --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs lever:tensor_blocks --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task finetune --configs lever:empirical --lrs 0.001,0.003,0.01 --output outputs/final/finetune.jsonl
+$PY scripts/sweep_lr.py --task lora --configs ginger --lrs 0.001,0.003,0.01 --output outputs/final/lora.jsonl
+$PY scripts/sweep_lr.py --task lora --configs ginger_paper --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/lora.jsonl
+$PY scripts/sweep_lr.py --task lora --configs adamw --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/lora.jsonl
+$PY scripts/sweep_lr.py --task lora --configs adafactor --lrs 0.001,0.003,0.01,0.03 --output outputs/final/lora.jsonl
+$PY scripts/sweep_lr.py --task lora --configs lever:tensor_blocks --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/lora.jsonl
+$PY scripts/sweep_lr.py --task lora --configs lever:empirical --lrs 0.001,0.003,0.01 --output outputs/final/lora.jsonl
