@@ -528,13 +528,41 @@ inline double powm(double x, double power) {  // x^-power, exact paths for the t
 // tolerance, debias_e (of e).
 constexpr int NPARAM = 9;
 
+// e <- beta2 e + (1 - beta2) |g|^2: the gradient's energy, every step (the scale of relative damping).
+inline double energy(double e, const double* stats, const StatsView& sv, const double* prm) {
+  return prm[0] * e + (1 - prm[0]) * stats[sv.gg];
+}
+
+// gamma = damping + relative_damping * e_hat / k, e_hat = e / debias_e.
+inline double damping_of(double en, const double* prm) { return prm[1] + prm[2] * en / (prm[8] * prm[5]); }
+
+// u = scale (m' - a.U) = f(G) m_hat over the eigenbasis B = R U (solve.py's _direction): a = R^T (phi * R um),
+// scale = gamma^-power / momentum_debias; |u|^2 and its part in span(U) before clipping.
+void direction(int n, double gamma, const double* prm, const double* s, const double* R, const double* um, double mm,
+               double* a, double& scale, double& update_sq, double& span_sq) {
+  const double power = prm[3], debias = prm[4], mdebias = prm[6];
+  double phi[64], y[64] = {};
+  for (int i = 0; i < n; ++i) {
+    phi[i] = 1 - powm((gamma + s[i] / debias) / gamma, power);
+    for (int j = 0; j < n; ++j) y[i] += R[i * n + j] * um[j];
+  }
+  for (int i = 0; i < n; ++i) { a[i] = 0; for (int j = 0; j < n; ++j) a[i] += R[j * n + i] * phi[j] * y[j]; }
+  scale = powm(gamma, power) / mdebias;
+  double upd = mm, span = 0;
+  for (int i = 0; i < n; ++i) {
+    upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
+    span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
+  }
+  update_sq = scale * scale * std::fmax(upd, 0.0);
+  span_sq = scale * scale * span;
+}
+
 // Solve one block; out row: coefficients (CoefView places; lr, decay, rho left to the caller), then
 // [s (n), R (n*n), e, rotate, update_sq, span_sq] from rest0 on.
 void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, const double* s, const double* Rin,
                  double e, const double* prm, double* out, const CoefView& cv, int64_t rest0) {
   Ar.top = 0;
-  const double beta2 = prm[0], damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5];
-  const double mdebias = prm[6], tol = prm[7];
+  const double beta2 = prm[0], tol = prm[7];
   Mat G = mat(Ar, n, n), R = mat(Ar, n, n);
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
@@ -599,21 +627,11 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
   double dot_nu_um = v_c * cm;
   for (int i = 0; i < n; ++i) dot_nu_um += v_u[i] * um[i];
   for (int i = 0; i < n; ++i) { sn[i] = std::fmax(lam[i + 1], 0.0); umn[i] = um[i] - shift[i] * dot_nu_um; }
-  const double en = beta2 * e + (1 - beta2) * stats[sv.gg];  // e: the gradient's energy, every step
-  const double gamma = damping + rel * en / (prm[8] * k);
-  double phi[64], y[64] = {}, a[64] = {};
-  for (int i = 0; i < n; ++i) {
-    phi[i] = 1 - powm((gamma + sn[i] / debias) / gamma, power);
-    for (int j = 0; j < n; ++j) y[i] += Rn(i, j) * umn[j];
-  }
-  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) a[i] += Rn(j, i) * phi[j] * y[j];
-  const double scale = powm(gamma, power) / mdebias;
-  double along = 0, upd = mm, span = 0;
-  for (int i = 0; i < n; ++i) {
-    along += a[i] * shift[i];
-    upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
-    span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
-  }
+  const double en = energy(e, stats, sv, prm);
+  double a[64], scale, update_sq, span_sq;
+  direction(n, damping_of(en, prm), prm, sn, Rn.v, umn, mm, a, scale, update_sq, span_sq);
+  double along = 0;
+  for (int i = 0; i < n; ++i) along += a[i] * shift[i];
   out[cv.scale] = scale;
   out[cv.along] = along;
   out[cv.v_c] = v_c;
@@ -623,35 +641,19 @@ void solve_block(Arena& Ar, int n, const double* stats, const StatsView& sv, con
   for (int i = 0; i < n * n; ++i) rest[n + i] = Rn.v[i];
   rest[n + n * n] = en;
   rest[n + n * n + 1] = rotate ? 1.0 : 0.0;
-  rest[n + n * n + 2] = scale * scale * std::fmax(upd, 0.0);
-  rest[n + n * n + 3] = scale * scale * span;
+  rest[n + n * n + 2] = update_sq;
+  rest[n + n * n + 3] = span_sq;
 }
 
 // A step that keeps the model: u = scale (m' - a.U) with a = R^T (phi * R U m'); out row as solve_block's
 // coefficients, then [update_sq, span_sq, e] from rest0 on.
 void keep_block(int n, const double* stats, const StatsView& sv, const double* s, const double* R, double e,
                 const double* prm, double* out, const CoefView& cv, int64_t rest0) {
-  const double beta2 = prm[0], damping = prm[1], rel = prm[2], power = prm[3], debias = prm[4], k = prm[5];
-  const double mdebias = prm[6];
-  const double* um = stats + sv.um;
-  const double en = beta2 * e + (1 - beta2) * stats[sv.gg];  // e: the gradient's energy, every step
-  const double gamma = damping + rel * en / (prm[8] * k);
-  double y[64] = {}, phi[64], a[64] = {};
-  for (int i = 0; i < n; ++i) {
-    phi[i] = 1 - powm((gamma + s[i] / debias) / gamma, power);
-    for (int j = 0; j < n; ++j) y[i] += R[i * n + j] * um[j];
-  }
-  for (int i = 0; i < n; ++i) for (int j = 0; j < n; ++j) a[i] += R[j * n + i] * phi[j] * y[j];
-  const double scale = powm(gamma, power) / mdebias;
-  double upd = stats[sv.mm], span = 0;
-  for (int i = 0; i < n; ++i) {
-    upd -= (2 * phi[i] - phi[i] * phi[i]) * y[i] * y[i];
-    span += (1 - phi[i]) * (1 - phi[i]) * y[i] * y[i];
-  }
-  out[cv.scale] = scale;
+  const double en = energy(e, stats, sv, prm);
+  double a[64];
+  direction(n, damping_of(en, prm), prm, s, R, stats + sv.um, stats[sv.mm], a, out[cv.scale], out[rest0],
+            out[rest0 + 1]);
   for (int i = 0; i < n; ++i) out[cv.shrink + i] = a[i];
-  out[rest0] = scale * scale * std::fmax(upd, 0.0);
-  out[rest0 + 1] = scale * scale * span;
   out[rest0 + 2] = en;
 }
 

@@ -201,19 +201,31 @@ def _offsets(layout, names) -> Tensor:
     return torch.tensor([layout.width] + [layout.offsets[k][0] for k in names], dtype=torch.int64)
 
 
+# Per-block parameters of the small solves, in the order the kernel reads them (NPARAM).
+_PARAMS = ("beta2", "damping", "relative_damping", "power", "debias", "k", "momentum_debias", "tolerance", "debias_e")
+
+
+def _solve_args(bl, layout, clay, stats: Tensor) -> list[Tensor]:
+    """The solves' common inputs, contiguous: stats, stats offsets, s, R, e, per-block parameters, coefficient
+    offsets. The caller keeps the list alive through the call (the kernel reads their addresses)."""
+    params = torch.stack([getattr(bl, name) for name in _PARAMS], 1)
+    tensors = [stats, _offsets(layout, _STATS), bl.s, bl.R, bl.e, params, _offsets(clay, _COEFS)]
+    return [x.contiguous() for x in tensors]
+
+
+def _addresses(args: list[Tensor]) -> list[int]:
+    """Addresses of ``_solve_args`` up to the per-block parameters (the coefficient offsets come last in the calls)."""
+    return [x.data_ptr() for x in args[:-1]]
+
+
 def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_refresh`` for blocks on the CPU, block by block in C++ (threads)."""
-    lib = _get()
     n, N = layout.n, stats.shape[0]
-    params = torch.stack([bl.beta2, bl.damping, bl.relative_damping, bl.power, bl.debias, bl.k,
-                          bl.momentum_debias, bl.tolerance, bl.debias_e], 1).contiguous()
     width = clay.width + n + n * n + 4
     out = torch.zeros(N, width, dtype=torch.float64)
-    stats, s, R, e = (x.contiguous() for x in (stats, bl.s, bl.R, bl.e))
+    args = _solve_args(bl, layout, clay, stats)
     nt = 1 if N < 256 else torch.get_num_threads()
-    stats_offsets, coef_offsets = _offsets(layout, _STATS), _offsets(clay, _COEFS)  # alive through the call
-    rc = lib.ginger_solve_refresh(n, N, stats.data_ptr(), stats_offsets.data_ptr(), s.data_ptr(), R.data_ptr(),
-                                  e.data_ptr(), params.data_ptr(), out.data_ptr(), width, coef_offsets.data_ptr(), nt)
+    rc = _get().ginger_solve_refresh(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr(), nt)
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel solve failed ({rc})")
     rest = out[:, clay.width:]
@@ -225,16 +237,11 @@ def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
 
 def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_keep`` for blocks on the CPU, in C++."""
-    lib = _get()
     n, N = layout.n, stats.shape[0]
-    params = torch.stack([bl.beta2, bl.damping, bl.relative_damping, bl.power, bl.debias, bl.k,
-                          bl.momentum_debias, bl.tolerance, bl.debias_e], 1).contiguous()
     width = clay.width + 3
     out = torch.zeros(N, width, dtype=torch.float64)
-    stats, s, R, e = (x.contiguous() for x in (stats, bl.s, bl.R, bl.e))
-    stats_offsets, coef_offsets = _offsets(layout, _STATS), _offsets(clay, _COEFS)  # alive through the call
-    rc = lib.ginger_solve_keep(n, N, stats.data_ptr(), stats_offsets.data_ptr(), s.data_ptr(), R.data_ptr(),
-                               e.data_ptr(), params.data_ptr(), out.data_ptr(), width, coef_offsets.data_ptr())
+    args = _solve_args(bl, layout, clay, stats)
+    rc = _get().ginger_solve_keep(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr())
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel keep solve failed ({rc})")
     return dict(scale=clay.view(out, "scale"), shrink=clay.view(out, "shrink"), update_sq=out[:, clay.width],

@@ -87,12 +87,9 @@ def main() -> None:
         "world": accelerator.num_processes,
         "warnings": [str(w.message) for w in caught if "Ginger" in str(w.message)],
     }
-    os.makedirs(args.out, exist_ok=True)
-    torch.save(result, os.path.join(args.out, f"rank{accelerator.process_index}.pt"))
+    tiny.save_rank_result(result, args.out, accelerator.process_index)
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # gloo aborts at exit when a group is left alive
+    tiny.run_worker(main)

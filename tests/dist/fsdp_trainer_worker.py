@@ -166,11 +166,8 @@ def main() -> None:
         "hook_last": bool(hooks) and type(hooks[-1]).__name__ == "SampledLabelCurvatureHook",
         "steps": sorted({int(st["step"]) for st in ginger.state.values()}),
     }
-    os.makedirs(args.out, exist_ok=True)
-    torch.save(result, os.path.join(args.out, f"rank{targs.process_index}.pt"))
+    tiny.save_rank_result(result, args.out, targs.process_index)
 
 
 if __name__ == "__main__":
-    main()
-    if dist.is_initialized():
-        dist.destroy_process_group()  # gloo aborts at exit when a group is left alive
+    tiny.run_worker(main)

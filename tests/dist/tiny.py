@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import ginger_hf
@@ -116,3 +117,16 @@ def bit_identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
     )
+
+
+def save_rank_result(result, out: str, rank: int) -> None:
+    """Write this rank's result where the launching test reads it: ``out/rank{rank}.pt``."""
+    os.makedirs(out, exist_ok=True)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def run_worker(main) -> None:
+    """Run a torchrun worker's ``main`` and close its process group (gloo aborts at exit when one is left alive)."""
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
