@@ -10,6 +10,7 @@
 // in cache), so any rank works with the same code. Pass 1 reads only; pass 2 recomputes the momentum
 // from (m, g) instead of reading a stored one. Where the outputs go inside a block's row of sums or
 // coefficients comes from the caller (ginger_hf/solve.py's StatsLayout and CoefLayout).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -657,6 +658,154 @@ void keep_block(int n, const double* stats, const StatsView& sv, const double* s
   out[rest0 + 2] = en;
 }
 
+// ---- A whole step, block by block: pass 1, the small solve, pass 2 while the block is in cache ----
+
+// One row per tensor (int64): its blocks (B of k elements), whether it refreshes (given a finite c),
+// and the addresses of U, m, g, p, c (0 without a refresh), and of the float64 small state s, R, e.
+enum { T_B, T_K, T_REFRESH, T_U, T_M, T_G, T_P, T_C, T_S, T_R, T_E, NT };
+// Per-tensor parameters: the solve's NPARAM (debias as after a refresh), then lr, decay (1 - lr *
+// weight_decay), rho, and debias as without a refresh.
+enum { X_LR = NPARAM, X_DECAY, X_RHO, X_DEBIAS_KEEP, NSTEP };
+// Per-block results: |u|^2 and its part in span(U) (before the clip), g.g, and 1 where m' was not finite
+// after all (an overflow), so the block was left untouched.
+constexpr int NRES = 4;
+
+bool all_finite(const float* x, int64_t k) {
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + W <= k; i += W) acc += ld(x + i) * 0.f;  // inf * 0 and nan * 0 are nan
+  float tail = 0.f;
+  for (; i < k; ++i) tail += x[i] * 0.f;
+  float t[W];
+  std::memcpy(t, &acc, sizeof t);
+  for (int j = 0; j < W; ++j) tail += t[j];
+  return tail == 0.f;
+}
+bool all_finite(const bf16* x, int64_t k) {
+  for (int64_t i = 0; i < k; ++i)
+    if ((x[i].bits & 0x7f80) == 0x7f80) return false;
+  return true;
+}
+
+struct StepBlock {
+  int tensor;
+  int64_t b;  // block index in its tensor
+};
+
+template <class S, class P>
+int64_t step_block(int n, const int64_t* T, int64_t bi, bool refresh, const double* prm_in, float w1,
+                   const StatsView& sv, const CoefView& cv, Scratch& sc1, Scratch& sc2, std::vector<double>& wide,
+                   Arena& ar, double* stats, double* co, float* cf, double* res) {
+  const int64_t B = T[T_B], k = T[T_K];
+  Block b{k, refresh, B * k};
+  const int64_t off = bi * k;
+  S* U = (S*)T[T_U] + off;
+  S* m = (S*)T[T_M] + off;
+  const P* g = (const P*)T[T_G] + off;
+  P* p = (P*)T[T_P] + off;
+  const P* c = refresh ? (const P*)T[T_C] + off : nullptr;
+  double* s = (double*)T[T_S] + bi * n;
+  double* R = (double*)T[T_R] + bi * n * n;
+  double* e = (double*)T[T_E] + bi;
+  double prm[NSTEP];
+  std::memcpy(prm, prm_in, sizeof prm);
+  if (!refresh) prm[4] = prm[X_DEBIAS_KEEP];
+  std::fill(stats, stats + sv.width, 0.0);
+  pass1<S, P>(n, b, U, m, g, c, w1, 0, k, stats, sv, sc1, wide);
+  res[2] = stats[sv.gg];
+  res[0] = res[1] = 0;
+  res[3] = 1;
+  if (!std::isfinite(stats[sv.mm])) return 0;
+  const int64_t rest0 = cv.width;
+  std::fill(co, co + cv.width + n + n * n + 4, 0.0);
+  bool rotate = false;
+  if (refresh) {
+    solve_block(ar, n, stats, sv, s, R, *e, prm, co, cv, rest0);
+    const double* rest = co + rest0;
+    for (int i = 0; i < n; ++i) s[i] = rest[i];
+    for (int i = 0; i < n * n; ++i) R[i] = rest[n + i];
+    *e = rest[n + n * n];
+    rotate = rest[n + n * n + 1] > 0;
+    res[0] = rest[n + n * n + 2];
+    res[1] = rest[n + n * n + 3];
+  } else {
+    keep_block(n, stats, sv, s, R, *e, prm, co, cv, rest0);
+    res[0] = co[rest0];
+    res[1] = co[rest0 + 1];
+    *e = co[rest0 + 2];
+  }
+  res[3] = 0;
+  for (int64_t j = 0; j < cv.width; ++j) cf[j] = (float)co[j];
+  cf[cv.lr] = (float)prm[X_LR];
+  cf[cv.decay] = (float)prm[X_DECAY];
+  cf[cv.rho] = (float)prm[X_RHO];
+  b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
+  return pass2<S, P>(n, b, U, m, g, p, c, w1, cf, cv, 0, k, sc2);
+}
+
+template <class S, class P>
+int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* params, float w1,
+                 const StatsView& sv, const CoefView& cv, double* results, int64_t* flags, int nt) {
+  std::vector<StepBlock> blocks;
+  std::vector<double> cum(1, 0.0);
+  std::vector<int64_t> first(nt_tensors + 1, 0);
+  for (int t = 0; t < nt_tensors; ++t) {
+    const int64_t* T = tensors + (int64_t)NT * t;
+    const bool r = T[T_REFRESH];
+    const double cost = (double)T[T_K] * (r ? 3 * n + 10 : 2 * n + 8) + (r ? 400.0 * (n + 1) * (n + 1) : 20.0 * n);
+    for (int64_t b = 0; b < T[T_B]; ++b) {
+      blocks.push_back({t, b});
+      cum.push_back(cum.back() + cost);
+    }
+    first[t + 1] = (int64_t)blocks.size();
+  }
+  const int nb = (int)blocks.size();
+  std::vector<int> edge(nt + 1, nb);  // contiguous runs of whole blocks per thread, of about equal cost
+  edge[0] = 0;
+  for (int t = 1; t < nt; ++t) edge[t] = (int)(std::lower_bound(cum.begin(), cum.end(), cum[nb] * t / nt) - cum.begin());
+  // Phase 1: which tensors have a non-finite gradient (skipped) or curvature vector (no refresh).
+  std::vector<std::vector<char>> bad(nt, std::vector<char>(2 * nt_tensors, 0));
+  run_threads(nt, [&](int t) {
+    for (int i = edge[t]; i < edge[t + 1]; ++i) {
+      const int64_t* T = tensors + (int64_t)NT * blocks[i].tensor;
+      const int64_t off = blocks[i].b * T[T_K];
+      char* f = bad[t].data() + 2 * blocks[i].tensor;
+      if (!f[0] && !all_finite((const P*)T[T_G] + off, T[T_K])) f[0] = 1;
+      if (T[T_REFRESH] && !f[1] && !all_finite((const P*)T[T_C] + off, T[T_K])) f[1] = 1;
+    }
+  });
+  for (int t = 0; t < nt_tensors; ++t) {
+    bool g_bad = false, c_bad = false;
+    for (int h = 0; h < nt; ++h) { g_bad |= bad[h][2 * t] != 0; c_bad |= bad[h][2 * t + 1] != 0; }
+    flags[2 * t] = !g_bad;
+    flags[2 * t + 1] = !c_bad;
+  }
+  // Phase 2: the step of every block of the tensors that take one.
+  std::vector<int64_t> clipped(nt, 0);
+  run_threads(nt, [&](int t) {
+    Scratch sc1(n + 4), sc2(7);
+    std::vector<double> wide((size_t)(n + 1) * CHUNK), stats(sv.width), co(cv.width + n + n * n + 4);
+    std::vector<float> cf(cv.width);
+    Arena ar(n);
+    for (int i = edge[t]; i < edge[t + 1]; ++i) {
+      const int tensor = blocks[i].tensor;
+      double* res = results + (int64_t)NRES * i;
+      if (!flags[2 * tensor]) {
+        res[0] = res[1] = res[2] = 0;
+        res[3] = 1;
+        continue;
+      }
+      const int64_t* T = tensors + (int64_t)NT * tensor;
+      const bool refresh = T[T_REFRESH] && flags[2 * tensor + 1];
+      clipped[t] += step_block<S, P>(n, T, blocks[i].b, refresh, params + (int64_t)NSTEP * tensor, w1, sv, cv, sc1,
+                                     sc2, wide, ar, stats.data(), co.data(), cf.data(), res);
+    }
+  });
+  int64_t sum = 0;
+  for (int64_t c : clipped) sum += c;
+  return sum;
+}
+
 }  // namespace
 
 extern "C" {
@@ -701,9 +850,9 @@ int ginger_solve_refresh(int n, int nb, const double* stats, const int64_t* stat
   if (n < 1 || n > 64) return 2;
   StatsView sv(stats_layout);
   CoefView cv(coef_layout);
-  run_threads(nt, [&](int t) {
+  run_threads(nt, [&](int t) {  // contiguous shares: no cache line of out is written by two threads
     Arena arena(n);
-    for (int i = t; i < nb; i += nt)
+    for (int i = (int)((int64_t)nb * t / nt); i < (int)((int64_t)nb * (t + 1) / nt); ++i)
       solve_block(arena, n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
                   params + (int64_t)i * NPARAM, out + (int64_t)i * out_width, cv, cv.width);
   });
@@ -720,6 +869,27 @@ int ginger_solve_keep(int n, int nb, const double* stats, const int64_t* stats_l
   for (int i = 0; i < nb; ++i)
     keep_block(n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
                params + (int64_t)i * NPARAM, out + (int64_t)i * out_width, cv, cv.width);
+  return 0;
+}
+
+// A whole step of the tensors of rank n: tensors (count x NT), params (count x NSTEP), results (one
+// NRES row per block, tensor by tensor), flags (count x 2: gradient finite, curvature vector finite). A
+// tensor with a non-finite gradient is left untouched; one with a non-finite curvature vector steps
+// without its refresh. Whole blocks per thread: for many small blocks (rows); a few huge ones take the
+// two-pass calls above.
+int ginger_step(int sdt, int pdt, int n, int count, const int64_t* tensors, const double* params, float w1,
+                const int64_t* stats_layout, const int64_t* coef_layout, double* results, int64_t* flags, int nt,
+                int64_t* clipped) {
+  if (n < 1 || n > 64) return 2;
+  StatsView sv(stats_layout);
+  CoefView cv(coef_layout);
+  int64_t c = 0;
+  if (sdt == 0 && pdt == 0) c = run_step<float, float>(n, count, tensors, params, w1, sv, cv, results, flags, nt);
+  else if (sdt == 0 && pdt == 1) c = run_step<float, bf16>(n, count, tensors, params, w1, sv, cv, results, flags, nt);
+  else if (sdt == 1 && pdt == 0) c = run_step<bf16, float>(n, count, tensors, params, w1, sv, cv, results, flags, nt);
+  else if (sdt == 1 && pdt == 1) c = run_step<bf16, bf16>(n, count, tensors, params, w1, sv, cv, results, flags, nt);
+  else return 1;
+  *clipped = c;
   return 0;
 }
 }

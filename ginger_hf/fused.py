@@ -281,9 +281,12 @@ def ginger(
     w1 = 1 - beta1
     views = [_view(p, g, c, st, backend) for p, g, c, st in zip(params, grads, curvatures, states)]
     layouts = {t.n: StatsLayout(t.n) for t in views}
+    lengths = [t.k for t in views] if block_lengths is None else block_lengths
+    if sync is None and _kernel.takes_whole_step(views, states):
+        _whole_step(views, states, hypers, layouts, beta1, lengths, stats)
+        return
     sums = _pass1(views, w1, layouts)
     sums, applied, refresh = _decide(views, states, sums, layouts, sync)
-    lengths = [t.k for t in views] if block_lengths is None else block_lengths
     coefs, rotate = _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, lengths, stats)
     clipped = _pass2(views, coefs, rotate, applied, w1, count_clipped=stats is not None)
     if stats is not None:
@@ -298,18 +301,48 @@ def _view(p: Tensor, g: Tensor, c: Tensor | None, st: dict[str, Any], backend: s
                    c=None if c is None else _flat(c, B, k), p=p.view(B, k), backend=_pick_backend(backend, p, st, g, c))
 
 
+def _whole_step(views, states, hypers, layouts, beta1: float, lengths, stats) -> None:
+    """The step as one kernel call per dtype pair and rank (``kernel.step``): each block's two passes and solve
+    at once, while the block is in cache. The kernel takes ``_decide``'s decisions itself, from the inputs."""
+    jobs = []
+    for t, st, h, k in zip(views, states, hypers, lengths):
+        q, n = st["curvature_steps"], st["step"] + 1  # the counters once the tensor steps (and refreshes)
+        debias = [1 - h.beta2**x if h.bias_correction and x > 0 else 1.0 for x in (q + 1, q)]
+        row = [h.beta2, h.damping, h.relative_damping, h.power, debias[0], k, 1 - beta1**n,  # kernel._PARAMS order
+               in_span_tolerance(t.U.dtype), 1 - h.beta2**n if h.bias_correction else 1.0,
+               h.lr, 1 - h.lr * h.weight_decay, math.inf if h.rho is None else h.rho, debias[1]]
+        jobs.append((t, st, row))
+    results, finite, clipped = _kernel.step(jobs, 1 - beta1, layouts, {n: CoefLayout(n) for n in layouts})
+    for t, st, (g_ok, c_ok) in zip(views, states, finite):  # the counters, as _decide keeps them
+        if not g_ok:
+            st["skipped"] += 1
+            continue
+        st["step"] += 1
+        st["curvature_steps"] += t.c is not None and c_ok
+        st["curvature_skipped"] += t.c is not None and not c_ok
+    if stats is not None:
+        applied = [r for r, (ok, _) in zip(results, finite) if ok]
+        total = torch.cat(applied).sum(0).tolist() if applied else [0.0] * 3
+        for key, value in zip(("update_sq", "span_sq", "grad_sq"), total):
+            stats[key] = stats.get(key, 0.0) + value
+        stats["clipped"] = stats.get("clipped", 0) + clipped
+        stats["numel"] = stats.get("numel", 0) + sum(t.p.numel() for t, (ok, _) in zip(views, finite) if ok)
+
+
 def _pass1(views: list[_Tensor], w1: float, layouts) -> list[Tensor]:
     """Every block's sums (reads only), on each tensor's device."""
-    sums = [torch.zeros(t.B, layouts[t.n].width, dtype=torch.float64, device=t.U.device) for t in views]
+    slots: list[list[Tensor | None]] = [[None] for _ in views]
     kernel_jobs = []
-    for t, out in zip(views, sums):
+    for t, slot in zip(views, slots):
         if t.backend == "kernel":
-            kernel_jobs.append((t, out))
-        elif not (t.backend == "compile" and _pass1_compiled(t, w1, layouts[t.n], out)):
+            kernel_jobs.append((t, slot))  # the kernel fills the slot
+            continue
+        out = slot[0] = torch.zeros(t.B, layouts[t.n].width, dtype=torch.float64, device=t.U.device)
+        if not (t.backend == "compile" and _pass1_compiled(t, w1, layouts[t.n], out)):
             _pass1_torch(t, w1, layouts[t.n], out)
     if kernel_jobs:
         _kernel.pass1(kernel_jobs, w1, layouts)
-    return sums
+    return [slot[0] for slot in slots]
 
 
 def _decide(views, states, sums, layouts, sync):
@@ -345,11 +378,31 @@ def _non_finite_counts(views, sums, layouts) -> Tensor:
     devices = {s.device for s in sums}
     if len(devices) > 1:  # tensors on several devices: one small reduction each
         return torch.stack([_non_finite_counts([t], [s], layouts).to("cpu") for t, s in zip(views, sums)])[:, 0]
-    squares = torch.stack([torch.cat([layouts[t.n].view(s, name) for t, s in zip(views, sums)]) for name in ("mm", "cc")], 1)
-    owner = torch.repeat_interleave(torch.arange(len(views), device=squares.device),
-                                    torch.tensor([t.B for t in views], device=squares.device))
-    counts = torch.zeros(len(views), 2, dtype=torch.float64, device=squares.device)
-    return counts.index_add_(0, owner, (~torch.isfinite(squares)).to(torch.float64))
+    device = devices.pop()
+    counts = torch.zeros(len(views), 2, dtype=torch.float64, device=device)
+    by_rank: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(views):
+        by_rank[t.n].append(i)
+    for n, idx in by_rank.items():
+        S = _stacked([sums[i] for i in idx])
+        squares = torch.stack([layouts[n].view(S, "mm"), layouts[n].view(S, "cc")], 1)
+        owner = torch.tensor(idx, device=device)[_kernel.block_owner(tuple(views[i].B for i in idx)).to(device)]
+        counts.index_add_(0, owner, (~torch.isfinite(squares)).to(torch.float64))
+    return counts
+
+
+def _stacked(parts: list[Tensor]) -> Tensor:
+    """``torch.cat(parts)`` of 2-D tensors; a view, not a copy, where they lie back to back in one buffer
+    (pass 1's sums and the coefficients of one kernel call)."""
+    head = parts[0]
+    end = head.data_ptr()
+    for x in parts:
+        if not x.is_contiguous() or x.data_ptr() != end or x.dtype != head.dtype or x.shape[1:] != head.shape[1:] or (
+                x.untyped_storage().data_ptr() != head.untyped_storage().data_ptr()):
+            return torch.cat(parts)
+        end += x.numel() * x.element_size()
+    rows = sum(x.shape[0] for x in parts)
+    return head.new_empty(0).set_(head.untyped_storage(), head.storage_offset(), (rows, *head.shape[1:]))
 
 
 def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, lengths, stats):
@@ -370,7 +423,7 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
         sizes = [views[i].B for i in idx]
         hp = _per_block([hypers[i] for i in idx], sizes)
         bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, [lengths[i] for i in idx])
-        S = torch.cat([sums[i] for i in idx])
+        S = _stacked([sums[i] for i in idx])
         on_cpu = all(views[i].backend == "kernel" for i in idx)
         if not fresh:
             out = _kernel.solve_keep(bl, layout, clay, S) if on_cpu else solve_keep(bl, layout, S)
@@ -435,8 +488,10 @@ def _coefs_to_devices(views, coefs, applied) -> list[Tensor | None]:
 
 def _per_block(hypers: list[Hyper], sizes: list[int]) -> dict[str, Tensor]:
     """Hyper-parameters repeated over each tensor's blocks, float64."""
+    owner = _kernel.block_owner(tuple(sizes))
+
     def rows(values):
-        return torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), torch.tensor(sizes))
+        return torch.tensor(values, dtype=torch.float64)[owner]
 
     return {
         "lr": rows([h.lr for h in hypers]),
@@ -451,10 +506,10 @@ def _per_block(hypers: list[Hyper], sizes: list[int]) -> dict[str, Tensor]:
 
 def _gather_blocks(idx, views, states, hypers, small, hp, beta1, lengths) -> Blocks:
     """The small solve's inputs for tensors ``idx`` (their blocks stacked), from host copies ``small``."""
-    sizes = torch.tensor([views[i].B for i in idx])
+    owner = _kernel.block_owner(tuple(views[i].B for i in idx))
 
     def rows(values):
-        return torch.repeat_interleave(torch.tensor(values, dtype=torch.float64), sizes)
+        return torch.tensor(values, dtype=torch.float64)[owner]
 
     debias, debias_e = [], []
     for i, h in zip(idx, hypers):

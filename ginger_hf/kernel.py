@@ -10,6 +10,7 @@ dtype pair, split over ``torch.get_num_threads()`` threads. Any rank works.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -18,12 +19,14 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "applies", "why_not", "pass1", "pass2", "solve_refresh", "solve_keep"]
+__all__ = ["available", "applies", "why_not", "pass1", "pass2", "solve_refresh", "solve_keep", "step",
+           "takes_whole_step"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
@@ -83,6 +86,7 @@ def _build() -> ctypes.CDLL | None:
     dll.ginger_max_rank.restype = i
     dll.ginger_solve_refresh.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p, i]
     dll.ginger_solve_keep.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p]
+    dll.ginger_step.argtypes = [i, i, i, i, p, p, f, p, p, p, p, i, p]
     return dll
 
 
@@ -127,30 +131,85 @@ def applies(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> boo
     return why_not(p, m, U, g, c) is None
 
 
-def _blocks(jobs, refresh: list[bool]) -> tuple[Tensor, Tensor, int]:
-    """Per-block ``(k, refresh, ustride)`` rows of every job's tensor (built at once), and a thread count."""
-    views = [job[0] for job in jobs]
-    counts = torch.tensor([t.B for t in views])
-    per_tensor = torch.tensor([[t.k, int(r), t.B * t.k] for t, r in zip(views, refresh)], dtype=torch.int64)
-    blocks = per_tensor.repeat_interleave(counts, dim=0)
-    work = sum(t.B * t.k for t in views)
-    return blocks, work, 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+@dataclass(frozen=True)
+class _BlockIndex:
+    """Where each block of a list of ``(B, k)`` tensors sits: its tensor (``owner``), its index in that
+    tensor (``local``), its ``k``. Depends on shapes only, so it is built once per parameter set (``_index``)."""
+
+    owner: Tensor  # (nb,) int64
+    local: Tensor  # (nb,) int64
+    k: Tensor  # (nb,) int64
+    ustride: Tensor  # (nb,) int64: B * k, the distance between rows of U
+    work: int
+
+
+@functools.lru_cache(maxsize=256)
+def _index(shapes: tuple[tuple[int, int], ...]) -> _BlockIndex:
+    counts = torch.tensor([B for B, _ in shapes], dtype=torch.int64)
+    ks = torch.tensor([k for _, k in shapes], dtype=torch.int64)
+    owner = torch.repeat_interleave(torch.arange(len(shapes)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    local = torch.arange(owner.numel()) - first[owner]
+    return _BlockIndex(owner, local, ks[owner], (counts * ks)[owner], sum(B * k for B, k in shapes))
+
+
+def _blocks(shapes: tuple[tuple[int, int], ...], refresh: tuple[bool, ...]) -> tuple[Tensor, int]:
+    """Per-block ``(k, refresh, ustride)`` rows of tensors of these shapes, and a thread count."""
+    nt = 1 if _index(shapes).work < _SERIAL_ELEMENTS else torch.get_num_threads()
+    return _block_rows(shapes, refresh), nt
+
+
+@functools.lru_cache(maxsize=256)
+def _block_rows(shapes: tuple[tuple[int, int], ...], refresh: tuple[bool, ...]) -> Tensor:
+    ix = _index(shapes)
+    flags = torch.tensor(refresh, dtype=torch.int64)[ix.owner]
+    return torch.stack([ix.k, flags, ix.ustride], 1).contiguous()
+
+
+def _shapes(jobs) -> tuple[tuple[int, int], ...]:
+    return tuple((job[0].B, job[0].k) for job in jobs)
 
 
 def _pointers(jobs, columns) -> Tensor:
-    """Per-block data pointers: ``columns`` are functions of a job's tensor view (``None``: 0). Built at once:
-    block ``b`` of a tensor starts ``b * k`` elements after the tensor's own pointer."""
-    views = [job[0] for job in jobs]
-    counts = torch.tensor([t.B for t in views])
-    first = torch.cumsum(counts, 0) - counts
-    index = torch.arange(int(counts.sum())) - first.repeat_interleave(counts)  # block index within its tensor
-    cols = []
-    for col in columns:
-        xs = [col(t) for t in views]
-        base = torch.tensor([0 if x is None else x.data_ptr() for x in xs], dtype=torch.int64)
-        step = torch.tensor([0 if x is None else t.k * x.element_size() for t, x in zip(views, xs)], dtype=torch.int64)
-        cols.append(base.repeat_interleave(counts) + index * step.repeat_interleave(counts))
-    return torch.stack(cols, 1).contiguous()
+    """Per-block data pointers. ``columns`` map a job to ``(tensor, elements per block)`` (``None``: address 0):
+    block ``b`` of a tensor starts ``b`` times that many elements after the tensor's own pointer."""
+    ix = _index(_shapes(jobs))
+    xs = [[col(job) for col in columns] for job in jobs]
+    base = torch.tensor([[0 if x is None else x[0].data_ptr() for x in row] for row in xs], dtype=torch.int64)
+    step = torch.tensor([[0 if x is None else x[1] * x[0].element_size() for x in row] for row in xs],
+                        dtype=torch.int64)
+    return (base[ix.owner] + ix.local[:, None] * step[ix.owner]).contiguous()
+
+
+def _rows(t, name):
+    x = getattr(t, name)
+    return None if x is None else (x, t.k)
+
+
+# pass 1 reads U, m, g, c; pass 2 reads U, m, g, p, c (the kernel's per-block pointer orders)
+_PASS1 = [lambda job: _rows(job[0], "U"), lambda job: _rows(job[0], "m"), lambda job: _rows(job[0], "g"),
+          lambda job: _rows(job[0], "c")]
+_PASS2 = _PASS1[:3] + [lambda job: _rows(job[0], "p"), lambda job: _rows(job[0], "c")]
+
+
+_WORKSPACE: dict[tuple, Tensor] = {}
+
+
+def workspace(tag: str, rows: int, width: int, dtype=torch.float64, zero: bool = True) -> Tensor:
+    """A reused ``(rows, width)`` CPU buffer for one step's temporaries (fresh multi-MB buffers every step
+    cost page faults). Valid until the next call with the same tag and shape: a step consumes it before returning."""
+    key = (tag, rows, width, dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        if len(_WORKSPACE) > 64:  # parameter sets come and go (tests): keep the cache small
+            _WORKSPACE.clear()
+        buf = _WORKSPACE[key] = torch.empty(rows, width, dtype=dtype)
+    return buf.zero_() if zero else buf
+
+
+def block_owner(sizes: tuple[int, ...]) -> Tensor:
+    """The tensor index of each block, for tensors of ``sizes`` blocks (cached: a gather, not a repeat)."""
+    return _index(tuple((B, 1) for B in sizes)).owner
 
 
 def _groups(jobs, key):
@@ -162,20 +221,21 @@ def _groups(jobs, key):
 
 
 def pass1(jobs, w1: float, layouts) -> None:
-    """Pass 1 of ``(view, out)`` jobs (``ginger_hf.fused._Tensor``, ``(B, width)`` float64 sums, zeroed)."""
+    """Pass 1 of ``(view, slot)`` jobs (``ginger_hf.fused._Tensor``; ``slot`` a one-element list that gets the
+    tensor's ``(B, width)`` float64 sums, a view into one buffer per kernel call)."""
     lib = _get()
     for (sdt, pdt, n), group in _groups(jobs, None):
         layout = layouts[n]
-        blocks, _, nt = _blocks(group, [t.c is not None for t, _ in group])
-        ptrs = _pointers(group, [lambda t: t.U, lambda t: t.m, lambda t: t.g, lambda t: t.c])
-        out = torch.zeros(blocks.shape[0], layout.width, dtype=torch.float64)
+        blocks, nt = _blocks(_shapes(group), tuple(t.c is not None for t, _ in group))
+        ptrs = _pointers(group, _PASS1)
+        out = workspace(f"pass1 {sdt} {pdt} {n}", blocks.shape[0], layout.width)
         offsets = _offsets(layout, _STATS)
         rc = lib.ginger_pass1(sdt, pdt, n, blocks.shape[0], blocks.data_ptr(), ptrs.data_ptr(), w1, out.data_ptr(),
                               offsets.data_ptr(), nt)
         if rc != 0:
             raise RuntimeError(f"ginger_hf CPU kernel pass 1 failed ({rc})")
-        for (_, dest), part in zip(group, out.split([t.B for t, _ in group])):
-            dest.copy_(part)
+        for (_, slot), part in zip(group, out.split([t.B for t, _ in group])):
+            slot[0] = part
 
 
 def pass2(jobs, w1: float, layouts) -> int:
@@ -184,8 +244,8 @@ def pass2(jobs, w1: float, layouts) -> int:
     clipped = 0
     for (sdt, pdt, n), group in _groups(jobs, None):
         lay = layouts[n]
-        blocks, _, nt = _blocks(group, [r for _, _, r in group])
-        ptrs = _pointers(group, [lambda t: t.U, lambda t: t.m, lambda t: t.g, lambda t: t.p, lambda t: t.c])
+        blocks, nt = _blocks(_shapes(group), tuple(bool(r) for _, _, r in group))
+        ptrs = _pointers(group, _PASS2)
         coefs = torch.cat([c for _, c, _ in group]).to(torch.float32).contiguous()
         offsets = _offsets(lay, _COEFS)
         count = ctypes.c_int64(0)
@@ -197,8 +257,69 @@ def pass2(jobs, w1: float, layouts) -> int:
     return clipped
 
 
+# A whole step in one call (``step``) deals whole blocks to threads: it is used when no block holds more
+# than this share of the work (rows of weight matrices), else the two passes split the big blocks.
+_WHOLE_STEP_SHARE = 0.125
+_NRES = 4  # per-block results of ``step``: update_sq, span_sq, g.g, left untouched
+
+
+def takes_whole_step(views, states) -> bool:
+    """Whether ``step`` can run this step: every tensor on the kernel, small state float64 and contiguous, and
+    blocks small enough to deal out whole to the threads."""
+    if not views or any(t.backend != "kernel" for t in views):
+        return False
+    for st in states:
+        if any(st[name].dtype != torch.float64 or not st[name].is_contiguous() for name in ("s", "R", "e")):
+            return False
+    work = sum(t.B * t.k for t in views)
+    return max(t.k for t in views) <= _WHOLE_STEP_SHARE * work or torch.get_num_threads() == 1
+
+
+def step(jobs, w1: float, layouts, clays) -> tuple[list[Tensor], list[tuple[bool, bool]], int]:
+    """A whole step of ``(view, state, params)`` jobs in C++, block by block (pass 1, the small solve, pass 2).
+
+    ``params``: the solve's per-tensor parameters (``_PARAMS``, debias as after a refresh), then lr, decay,
+    rho, and debias without a refresh. Updates the state in place (not the counters). Returns each job's
+    per-block results ``(B, 4)`` (update_sq, span_sq, g.g, left untouched), whether its gradient and its
+    curvature vector were finite (a tensor with a non-finite gradient is not touched; one with a non-finite
+    curvature vector steps without refreshing), and the count of coordinates the ``rho`` clip cut.
+    """
+    lib = _get()
+    results: list[Tensor | None] = [None] * len(jobs)
+    finite: list[tuple[bool, bool] | None] = [None] * len(jobs)
+    clipped = 0
+    order = {id(job): i for i, job in enumerate(jobs)}
+    for (sdt, pdt, n), group in _groups(jobs, None):
+        tensors = torch.tensor([[t.B, t.k, t.c is not None, t.U.data_ptr(), t.m.data_ptr(), t.g.data_ptr(),
+                                 t.p.data_ptr(), 0 if t.c is None else t.c.data_ptr(), st["s"].data_ptr(),
+                                 st["R"].data_ptr(), st["e"].data_ptr()] for t, st, _ in group], dtype=torch.int64)
+        params = torch.tensor([row for _, _, row in group], dtype=torch.float64)
+        sizes = [t.B for t, _, _ in group]
+        out = workspace(f"step {sdt} {pdt} {n}", sum(sizes), _NRES, zero=False)
+        flags = torch.zeros(len(group), 2, dtype=torch.int64)
+        nt = 1 if sum(t.B * t.k for t, _, _ in group) < _SERIAL_ELEMENTS else torch.get_num_threads()
+        count = ctypes.c_int64(0)
+        rc = lib.ginger_step(sdt, pdt, n, len(group), tensors.data_ptr(), params.data_ptr(), w1,
+                             _offsets(layouts[n], _STATS).data_ptr(), _offsets(clays[n], _COEFS).data_ptr(),
+                             out.data_ptr(), flags.data_ptr(), nt, ctypes.byref(count))
+        if rc != 0:
+            raise RuntimeError(f"ginger_hf CPU kernel step failed ({rc})")
+        clipped += count.value
+        for job, part, ok in zip(group, out.split(sizes), flags.tolist()):
+            results[order[id(job)]] = part
+            finite[order[id(job)]] = (bool(ok[0]), bool(ok[1]))
+    return results, finite, clipped
+
+
+_OFFSETS: dict[tuple, Tensor] = {}
+
+
 def _offsets(layout, names) -> Tensor:
-    return torch.tensor([layout.width] + [layout.offsets[k][0] for k in names], dtype=torch.int64)
+    """The layout's width and the places of ``names``, as the kernel's StatsView / CoefView read them."""
+    key = (type(layout).__name__, layout.n, names)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.tensor([layout.width] + [layout.offsets[k][0] for k in names], dtype=torch.int64)
+    return _OFFSETS[key]
 
 
 # Per-block parameters of the small solves, in the order the kernel reads them (NPARAM).
@@ -222,7 +343,7 @@ def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_refresh`` for blocks on the CPU, block by block in C++ (threads)."""
     n, N = layout.n, stats.shape[0]
     width = clay.width + n + n * n + 4
-    out = torch.zeros(N, width, dtype=torch.float64)
+    out = workspace(f"refresh {n}", N, width)
     args = _solve_args(bl, layout, clay, stats)
     nt = 1 if N < 256 else torch.get_num_threads()
     rc = _get().ginger_solve_refresh(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr(), nt)
@@ -239,7 +360,7 @@ def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_keep`` for blocks on the CPU, in C++."""
     n, N = layout.n, stats.shape[0]
     width = clay.width + 3
-    out = torch.zeros(N, width, dtype=torch.float64)
+    out = workspace(f"keep {n}", N, width)
     args = _solve_args(bl, layout, clay, stats)
     rc = _get().ginger_solve_keep(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr())
     if rc != 0:

@@ -308,3 +308,129 @@ def test_rejects_unknown_backend():
     params, states = make([(3,)], 2, torch.float32)
     with pytest.raises(ValueError, match="backend"):
         fused.ginger(params, params, [None], states, hypers(1), beta1=BETA1, backend="cuda-graph")
+
+
+# -- the kernel's whole step (one call: each block's passes and solve at once) -----------------------------
+
+ROWS = [(64, 33), (40, 70), (7,), (5, 4), (1,), (200, 16)]  # many small blocks: the kernel takes a whole step
+
+
+@pytest.fixture
+def whole_steps(monkeypatch):
+    """Counts the kernel's whole-step calls (and lets them run)."""
+    calls = []
+    step = kernel.step
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("interval", [1, 3])
+def test_whole_step_matches_reference(whole_steps, config, interval):
+    ref = make(ROWS, 4, torch.float32, blocks="row")
+    fast = copy.deepcopy(ref)
+    hp = hypers(len(ROWS), "row", **CONFIGS[config])
+    run(F.ginger, *ref, hp, 16, interval=interval)
+    run(fused.ginger, *fast, hp, 16, interval=interval, backend="kernel")
+    assert len(whole_steps) == 16
+    assert_close(fast, ref, 2e-6)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_whole_step_in_bfloat16(whole_steps, param_dtype):
+    """bf16 m/U (or bf16 parameters with float32 state), as ``test_bfloat16_state_and_parameters``."""
+    state_dtype = torch.bfloat16 if param_dtype == torch.float32 else torch.float32
+    ref = make(ROWS, 4, param_dtype, state_dtype, blocks="row")
+    fast = copy.deepcopy(ref)
+    hp = hypers(len(ROWS), "row", **RECOMMENDED)
+    run(F.ginger, *ref, hp, 6)
+    run(fused.ginger, *fast, hp, 6, backend="kernel")
+    assert len(whole_steps) == 6
+    for p1, p2, s1, s2 in zip(fast[0], ref[0], fast[1], ref[1]):
+        assert p1.dtype == param_dtype and s1["m"].dtype == state_dtype and s1["U"].dtype == state_dtype
+        assert relative_error(p1, p2) <= 2e-2
+        assert relative_error(s1["m"], s2["m"]) <= 2e-2
+        assert orthonormality_error(s1) <= (5e-2 if state_dtype == torch.bfloat16 else 1e-5)
+
+
+def test_whole_step_on_two_threads_matches_one(whole_steps):
+    shapes = [(3000, 64), (500, 100), (5,)]
+    hp = hypers(len(shapes), "row", **RECOMMENDED)
+    one = make(shapes, 4, torch.float32, blocks="row")
+    two = copy.deepcopy(one)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(fused.ginger, *one, hp, 3, backend="kernel")
+        torch.set_num_threads(2)
+        run(fused.ginger, *two, hp, 3, backend="kernel")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(whole_steps) == 6
+    assert_close(two, one, 1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["gradient", "curvature"])
+def test_whole_step_takes_the_decisions_of_the_two_passes(whole_steps, bad, which):
+    """A non-finite gradient leaves its tensor untouched, a non-finite curvature vector skips only the
+    refresh: the same state and counters as the reference given the same decisions."""
+    params, states = make(ROWS, 4, torch.float32, blocks="row")
+    hp = hypers(len(ROWS), "row", **RECOMMENDED)
+    run(fused.ginger, params, states, hp, 3, backend="kernel")
+    ref = copy.deepcopy((params, states))
+    grads, curvs = draw(params, torch.Generator().manual_seed(9), True)
+    victim = 1
+    (grads if which == "gradient" else curvs)[victim].view(-1)[777] = bad
+    fused.ginger(params, grads, curvs, states, hp, beta1=BETA1, backend="kernel")
+    assert len(whole_steps) == 4
+    if which == "gradient":  # the reference has no notion of a skipped tensor: step the others only
+        keep = [i for i in range(len(ROWS)) if i != victim]
+        F.ginger([ref[0][i] for i in keep], [grads[i] for i in keep], [curvs[i] for i in keep],
+                 [ref[1][i] for i in keep], [hp[i] for i in keep], beta1=BETA1)
+        ref[1][victim]["skipped"] += 1
+    else:
+        F.ginger(ref[0], grads, [None if i == victim else c for i, c in enumerate(curvs)], ref[1], hp, beta1=BETA1)
+        ref[1][victim]["curvature_skipped"] += 1
+    assert_close((params, states), ref, 2e-6)
+    for st in states:
+        assert all(torch.isfinite(st[k].float()).all() for k in ("m", "U", "s", "R", "e"))
+
+
+def test_whole_step_leaves_a_block_whose_momentum_overflows_untouched(whole_steps):
+    """A finite gradient whose momentum overflows float32 (m' = inf) must not poison the state."""
+    params, states = make(ROWS, 4, torch.float32, blocks="row")
+    hp = hypers(len(ROWS), "row", **RECOMMENDED)
+    run(fused.ginger, params, states, hp, 2, backend="kernel")
+    states[0]["m"][3].fill_(3e38)
+    grads, curvs = draw(params, torch.Generator().manual_seed(4), False)
+    grads[0][3].fill_(-3e38)  # m + w1 (g - m) overflows
+    before = copy.deepcopy((params[0][3], states[0]["m"][3], states[0]["e"][3], params[0][2]))
+    fused.ginger(params, grads, curvs, states, hp, beta1=BETA1, backend="kernel")
+    assert torch.equal(params[0][3], before[0]) and torch.equal(states[0]["m"][3], before[1])
+    assert torch.equal(states[0]["e"][3], before[2])
+    assert not torch.equal(params[0][2], before[3])  # the tensor's other rows step
+    for st in states:
+        assert all(torch.isfinite(st[k]).all() for k in ("U", "s", "R", "e"))
+
+
+def test_whole_step_statistics_match_the_two_passes(whole_steps):
+    for rho in (None, 1e-3):
+        config = dict(RECOMMENDED, rho=rho)
+        params, states = make(ROWS, 4, torch.float32, blocks="row")
+        hp = hypers(len(ROWS), "row", lr=1.0, **config)
+        run(fused.ginger, params, states, hp, 3, backend="kernel")
+        other = copy.deepcopy((params, states))
+        grads, curvs = draw(params, torch.Generator().manual_seed(2), True)
+        stats, expected = {}, {}
+        fused.ginger(params, grads, curvs, states, hp, beta1=BETA1, backend="kernel", stats=stats)
+        fused.ginger(*other[:1], grads, curvs, other[1], hp, beta1=BETA1, backend="torch", stats=expected)
+        for key in ("update_sq", "span_sq", "grad_sq"):
+            assert abs(stats[key] - expected[key]) <= 1e-5 * expected[key], key
+        assert abs(stats["clipped"] - expected["clipped"]) <= 2 and stats["numel"] == expected["numel"]
+        assert (rho is None) == (stats["clipped"] == 0)
