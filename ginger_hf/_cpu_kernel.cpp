@@ -1,10 +1,14 @@
-// The two streaming passes of a Ginger step on CPU (the math: ginger_hf/fused.py, ginger_hf/solve.py).
-// Plain C++17, no torch headers: built once with the system compiler and loaded with ctypes.
+// A Ginger step on CPU (the math: ginger_hf/fused.py, ginger_hf/solve.py). Plain C++17, no torch
+// headers: built once with the system compiler and loaded with ctypes.
 //
-// A call covers every block of one rank n and one dtype pair; blocks are rows of tensors or whole
-// tensors, each described by (k, refresh, U stride) and its data pointers. The work (elements times
-// a per-element cost) is split between std::threads in contiguous shares, so one huge block is split
-// across threads and thousands of small ones are dealt out whole.
+// Two ways to run a step, each call covering every block of one rank n and one dtype pair:
+// - ginger_step, the whole step: after a scan for non-finite inputs, each block's pass 1, small solve
+//   and pass 2 run back to back while the block is in cache. Whole blocks are dealt to std::threads in
+//   contiguous runs of about equal cost: for many small blocks (rows of weight matrices).
+// - the two passes (ginger_pass1, ginger_pass2) with the batched solves between them, called from
+//   Python: for huge blocks, whose elements are split between threads in contiguous shares of the
+//   work, and for sharded tensors, whose sums are completed across ranks between the passes.
+// Blocks are rows of tensors or whole tensors, each described by (k, refresh, U stride) and its data.
 //
 // Within a chunk of at most CHUNK elements, the passes sweep one basis row at a time (the chunk stays
 // in cache), so any rank works with the same code. Pass 1 reads only; pass 2 recomputes the momentum

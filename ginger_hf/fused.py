@@ -16,6 +16,12 @@ tensor, split into blocks (rows or the whole tensor), on a refresh step:
 Between refreshes pass 1 forms only ``U m'`` (no Gram, no ``c``), and pass 2 leaves ``U``.
 Nothing of size ``n * d`` is allocated.
 
+The blocks are independent once the decisions are taken, so where all tensors run on the C++
+kernel, none is sharded and the blocks are small (rows), the kernel takes the whole step in one
+call (``kernel.step``): it checks the inputs for non-finite numbers first, then runs each
+block's pass 1, solve and pass 2 back to back while the block is in cache. Its result is the
+two-pass result to rounding (a block split between threads there sums in another order).
+
 Backends run the passes: ``"kernel"`` (the C++ CPU kernel, ``ginger_hf.kernel``: float32 and
 bfloat16), ``"compile"`` (``torch.compile`` of whole-tensor expressions, fused kernels on
 GPUs) and ``"torch"`` (eager torch over bounded chunks; any device and dtype). ``None``

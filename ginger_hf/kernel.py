@@ -5,6 +5,11 @@ into ``~/.cache/ginger_hf`` (or ``$GINGER_HF_CACHE``) the first time it is neede
 ``scripts/setup.sh`` does it ahead). ``GINGER_HF_KERNEL=0`` turns it off; without a
 compiler the eager torch passes run instead. One call per pass covers every block of a
 dtype pair, split over ``torch.get_num_threads()`` threads. Any rank works.
+
+``step`` runs a whole step in one call (``ginger_hf.fused`` uses it for many small blocks); the
+two passes and the batched solves between them (``pass1``, ``solve_refresh``/``solve_keep``,
+``pass2``) serve huge blocks, which they split between threads, and sharded tensors, whose sums
+are completed across ranks between the passes.
 """
 
 from __future__ import annotations
@@ -170,26 +175,19 @@ def _shapes(jobs) -> tuple[tuple[int, int], ...]:
     return tuple((job[0].B, job[0].k) for job in jobs)
 
 
-def _pointers(jobs, columns) -> Tensor:
-    """Per-block data pointers. ``columns`` map a job to ``(tensor, elements per block)`` (``None``: address 0):
-    block ``b`` of a tensor starts ``b`` times that many elements after the tensor's own pointer."""
+def _pointers(jobs, names: tuple[str, ...]) -> Tensor:
+    """Per-block data pointers of the jobs' views' ``names`` (``None``: address 0): block ``b`` of a tensor
+    starts ``b * k`` elements after the tensor's own pointer."""
     ix = _index(_shapes(jobs))
-    xs = [[col(job) for col in columns] for job in jobs]
-    base = torch.tensor([[0 if x is None else x[0].data_ptr() for x in row] for row in xs], dtype=torch.int64)
-    step = torch.tensor([[0 if x is None else x[1] * x[0].element_size() for x in row] for row in xs],
+    xs = [[getattr(job[0], name) for name in names] for job in jobs]
+    base = torch.tensor([[0 if x is None else x.data_ptr() for x in row] for row in xs], dtype=torch.int64)
+    step = torch.tensor([[0 if x is None else job[0].k * x.element_size() for x in row] for job, row in zip(jobs, xs)],
                         dtype=torch.int64)
     return (base[ix.owner] + ix.local[:, None] * step[ix.owner]).contiguous()
 
 
-def _rows(t, name):
-    x = getattr(t, name)
-    return None if x is None else (x, t.k)
-
-
-# pass 1 reads U, m, g, c; pass 2 reads U, m, g, p, c (the kernel's per-block pointer orders)
-_PASS1 = [lambda job: _rows(job[0], "U"), lambda job: _rows(job[0], "m"), lambda job: _rows(job[0], "g"),
-          lambda job: _rows(job[0], "c")]
-_PASS2 = _PASS1[:3] + [lambda job: _rows(job[0], "p"), lambda job: _rows(job[0], "c")]
+_PASS1 = ("U", "m", "g", "c")  # the kernel's per-block pointer order in pass 1
+_PASS2 = ("U", "m", "g", "p", "c")  # ... and in pass 2
 
 
 _WORKSPACE: dict[tuple, Tensor] = {}

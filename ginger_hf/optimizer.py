@@ -340,7 +340,8 @@ class Ginger(Optimizer):
         """Tensors that take a step as ``(state key, params, grad, curvature)``; raises before any change.
 
         A joint group is one block whose gradient and curvature are the flattened
-        concatenations over its params (zeros for a param without gradient).
+        concatenations over its params (zeros for a param without gradient). Empty
+        parameters take no step: there is nothing to move.
         """
         plan = []
         for group in self.param_groups:
@@ -353,7 +354,7 @@ class Ginger(Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"Ginger: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
             entries = []
-            if group["joint"] and with_grad:
+            if group["joint"] and with_grad and any(p.numel() for p in group["params"]):
                 params = group["params"]
                 grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
                 curv = None
@@ -365,6 +366,8 @@ class Ginger(Optimizer):
                 entries.append((params[0], params, grad, curv))
             elif not group["joint"]:
                 for p in with_grad:
+                    if p.numel() == 0:  # nothing to step (Ginger's blocks need at least one element)
+                        continue
                     curv = self._curvature_of(p, group) if self._refreshes(p, group) else None
                     entries.append((p, [p], p.grad, curv))
             plan.append((group, entries))

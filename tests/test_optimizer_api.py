@@ -190,3 +190,21 @@ def test_parameters_without_gradient_get_no_state():
     a.grad = torch.randn(3)
     opt.step()
     assert a in opt.state and b not in opt.state
+
+
+@pytest.mark.parametrize("curvature", ["mc", "empirical"])
+@pytest.mark.parametrize("blocks", ["row", "tensor"])
+def test_empty_parameters_are_left_alone(curvature, blocks):
+    """A zero-element parameter (it happens in real models) has nothing to step: the others step as usual."""
+    full = torch.nn.Parameter(torch.randn(8, 16))
+    empties = [torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(0, 5))]
+    opt = Ginger([full, *empties], lr=1e-2, curvature=curvature, blocks=blocks)
+    before = full.detach().clone()
+    for _ in range(3):
+        for p in (full, *empties):
+            p.grad = torch.randn_like(p)
+            if curvature == "mc" and opt.needs_curvature():
+                p.curvature = torch.randn_like(p)
+        opt.step()
+    assert opt.state[full]["step"] == 3 and not torch.equal(full, before)
+    assert all(p not in opt.state for p in empties)
