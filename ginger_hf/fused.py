@@ -1,4 +1,4 @@
-"""A Ginger step in two streaming passes over the state: the fast path the optimizer runs.
+"""A Ginger step in streaming passes over the state: the fast path the optimizer runs.
 
 Same signature and result (to rounding) as ``functional.ginger``, the reference. Per
 tensor, split into blocks (rows or the whole tensor), on a refresh step:

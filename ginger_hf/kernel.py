@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of the two streaming passes: built once with the system compiler, loaded with ctypes.
+"""The C++ CPU kernel of the Ginger step: built once with the system compiler, loaded with ctypes.
 
 ``_cpu_kernel.cpp`` is plain C++17 with no torch headers, compiled with ``-O3 -march=native``
 into ``~/.cache/ginger_hf`` (or ``$GINGER_HF_CACHE``) the first time it is needed (30-45 s;
