@@ -311,12 +311,11 @@ def _whole_step(views, states, hypers, layouts, beta1: float, lengths, stats) ->
     """The step as one kernel call per dtype pair and rank (``kernel.step``): each block's two passes and solve
     at once, while the block is in cache. The kernel takes ``_decide``'s decisions itself, from the inputs."""
     jobs = []
+    at = _kernel.SOLVE_PARAMS.index("debias")
     for t, st, h, k in zip(views, states, hypers, lengths):
         q, n = st["curvature_steps"], st["step"] + 1  # the counters once the tensor steps (and refreshes)
-        debias = [1 - h.beta2**x if h.bias_correction and x > 0 else 1.0 for x in (q + 1, q)]
-        row = [h.beta2, h.damping, h.relative_damping, h.power, debias[0], k, 1 - beta1**n,  # kernel._PARAMS order
-               in_span_tolerance(t.U.dtype), 1 - h.beta2**n if h.bias_correction else 1.0,
-               h.lr, 1 - h.lr * h.weight_decay, math.inf if h.rho is None else h.rho, debias[1]]
+        keep = _solve_params(h, n, q, beta1, k, t.U.dtype)
+        row = _solve_params(h, n, q + 1, beta1, k, t.U.dtype) + _update_params(h) + [keep[at]]
         jobs.append((t, st, row))
     results, finite, clipped = _kernel.step(jobs, 1 - beta1, layouts, {n: CoefLayout(n) for n in layouts})
     for t, st, (g_ok, c_ok) in zip(views, states, finite):  # the counters, as _decide keeps them
@@ -427,8 +426,9 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
     for (n, fresh), idx in groups.items():
         layout, clay = layouts[n], CoefLayout(n)
         sizes = [views[i].B for i in idx]
-        hp = _per_block([hypers[i] for i in idx], sizes)
-        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, hp, beta1, [lengths[i] for i in idx])
+        owner = _kernel.block_owner(tuple(sizes))
+        bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, owner, beta1, [lengths[i] for i in idx])
+        lr, decay, rho = torch.tensor([_update_params(hypers[i]) for i in idx], dtype=torch.float64)[owner].unbind(1)
         S = _stacked([sums[i] for i in idx])
         on_cpu = all(views[i].backend == "kernel" for i in idx)
         if not fresh:
@@ -438,9 +438,9 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
         C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64)
         for name in ("scale", "shrink") + (("along", "v_c", "shift", "v_u") if fresh else ()):
             clay.view(C, name).copy_(out[name])
-        clay.view(C, "lr").copy_(hp["lr"])
-        clay.view(C, "decay").copy_(1 - hp["lr"] * hp["weight_decay"])
-        clay.view(C, "rho").copy_(hp["rho"])
+        clay.view(C, "lr").copy_(lr)
+        clay.view(C, "decay").copy_(decay)
+        clay.view(C, "rho").copy_(rho)
         if stats is not None:
             _add_stats(stats, out, layout, S)
         for i, piece in zip(idx, C.split(sizes)):
@@ -492,47 +492,28 @@ def _coefs_to_devices(views, coefs, applied) -> list[Tensor | None]:
     return out
 
 
-def _per_block(hypers: list[Hyper], sizes: list[int]) -> dict[str, Tensor]:
-    """Hyper-parameters repeated over each tensor's blocks, float64."""
-    owner = _kernel.block_owner(tuple(sizes))
-
-    def rows(values):
-        return torch.tensor(values, dtype=torch.float64)[owner]
-
-    return {
-        "lr": rows([h.lr for h in hypers]),
-        "weight_decay": rows([h.weight_decay for h in hypers]),
-        "rho": rows([math.inf if h.rho is None else h.rho for h in hypers]),
-        "beta2": rows([h.beta2 for h in hypers]),
-        "damping": rows([h.damping for h in hypers]),
-        "relative_damping": rows([h.relative_damping for h in hypers]),
-        "power": rows([h.power for h in hypers]),
-    }
+def _solve_params(h: Hyper, t: int, q: int, beta1: float, k: int, dtype: torch.dtype) -> list[float]:
+    """One tensor's parameters of the small solve, in ``kernel.SOLVE_PARAMS`` order, after step ``t`` with ``q``
+    refreshes (block length ``k``, state dtype ``dtype``)."""
+    return [h.beta2, h.damping, h.relative_damping, h.power,
+            1 - h.beta2**q if h.bias_correction and q > 0 else 1.0,  # debias of s
+            k, 1 - beta1**t, in_span_tolerance(dtype),
+            1 - h.beta2**t if h.bias_correction and t > 0 else 1.0]  # debias of e
 
 
-def _gather_blocks(idx, views, states, hypers, small, hp, beta1, lengths) -> Blocks:
-    """The small solve's inputs for tensors ``idx`` (their blocks stacked), from host copies ``small``."""
-    owner = _kernel.block_owner(tuple(views[i].B for i in idx))
+def _update_params(h: Hyper) -> list[float]:
+    """Pass 2's per-tensor coefficients: lr, decay (``1 - lr * weight_decay``), rho."""
+    return [h.lr, 1 - h.lr * h.weight_decay, math.inf if h.rho is None else h.rho]
 
-    def rows(values):
-        return torch.tensor(values, dtype=torch.float64)[owner]
 
-    debias, debias_e = [], []
-    for i, h in zip(idx, hypers):
-        q, t = states[i]["curvature_steps"], states[i]["step"]
-        debias.append(1 - h.beta2**q if h.bias_correction and q > 0 else 1.0)
-        debias_e.append(1 - h.beta2**t if h.bias_correction and t > 0 else 1.0)
-    return Blocks(
-        s=torch.cat([small[i][0] for i in idx]),
-        R=torch.cat([small[i][1] for i in idx]),
-        e=torch.cat([small[i][2] for i in idx]),
-        k=rows(lengths),
-        beta2=hp["beta2"], damping=hp["damping"], relative_damping=hp["relative_damping"], power=hp["power"],
-        debias=rows(debias),
-        debias_e=rows(debias_e),
-        momentum_debias=rows([1 - beta1 ** states[i]["step"] for i in idx]),
-        tolerance=rows([in_span_tolerance(views[i].U.dtype) for i in idx]),
-    )
+def _gather_blocks(idx, views, states, hypers, small, owner, beta1, lengths) -> Blocks:
+    """The small solve's inputs for tensors ``idx`` (their blocks stacked; ``owner``: each block's place in
+    ``idx``), from host copies ``small``."""
+    table = torch.tensor([_solve_params(h, states[i]["step"], states[i]["curvature_steps"], beta1, k, views[i].U.dtype)
+                          for i, h, k in zip(idx, hypers, lengths)], dtype=torch.float64)[owner]
+    return Blocks(s=torch.cat([small[i][0] for i in idx]), R=torch.cat([small[i][1] for i in idx]),
+                  e=torch.cat([small[i][2] for i in idx]),
+                  **{name: column for name, column in zip(_kernel.SOLVE_PARAMS, table.unbind(1))})
 
 
 def _add_stats(stats: dict[str, float], out: dict[str, Tensor], layout: StatsLayout, S: Tensor) -> None:

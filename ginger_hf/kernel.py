@@ -158,10 +158,13 @@ def _index(shapes: tuple[tuple[int, int], ...]) -> _BlockIndex:
     return _BlockIndex(owner, local, ks[owner], (counts * ks)[owner], sum(B * k for B, k in shapes))
 
 
+def _threads(work: int) -> int:
+    return 1 if work < _SERIAL_ELEMENTS else torch.get_num_threads()
+
+
 def _blocks(shapes: tuple[tuple[int, int], ...], refresh: tuple[bool, ...]) -> tuple[Tensor, int]:
     """Per-block ``(k, refresh, ustride)`` rows of tensors of these shapes, and a thread count."""
-    nt = 1 if _index(shapes).work < _SERIAL_ELEMENTS else torch.get_num_threads()
-    return _block_rows(shapes, refresh), nt
+    return _block_rows(shapes, refresh), _threads(_index(shapes).work)
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,7 +213,7 @@ def block_owner(sizes: tuple[int, ...]) -> Tensor:
     return _index(tuple((B, 1) for B in sizes)).owner
 
 
-def _groups(jobs, key):
+def _groups(jobs):
     groups: dict[tuple, list] = {}
     for job in jobs:
         t = job[0]
@@ -222,7 +225,7 @@ def pass1(jobs, w1: float, layouts) -> None:
     """Pass 1 of ``(view, slot)`` jobs (``ginger_hf.fused._Tensor``; ``slot`` a one-element list that gets the
     tensor's ``(B, width)`` float64 sums, a view into one buffer per kernel call)."""
     lib = _get()
-    for (sdt, pdt, n), group in _groups(jobs, None):
+    for (sdt, pdt, n), group in _groups(jobs):
         layout = layouts[n]
         blocks, nt = _blocks(_shapes(group), tuple(t.c is not None for t, _ in group))
         ptrs = _pointers(group, _PASS1)
@@ -240,7 +243,7 @@ def pass2(jobs, w1: float, layouts) -> int:
     """Pass 2 of ``(view, coefs, rotate)`` jobs; returns the number of coordinates the ``rho`` clip cut."""
     lib = _get()
     clipped = 0
-    for (sdt, pdt, n), group in _groups(jobs, None):
+    for (sdt, pdt, n), group in _groups(jobs):
         lay = layouts[n]
         blocks, nt = _blocks(_shapes(group), tuple(bool(r) for _, _, r in group))
         ptrs = _pointers(group, _PASS2)
@@ -276,7 +279,7 @@ def takes_whole_step(views, states) -> bool:
 def step(jobs, w1: float, layouts, clays) -> tuple[list[Tensor], list[tuple[bool, bool]], int]:
     """A whole step of ``(view, state, params)`` jobs in C++, block by block (pass 1, the small solve, pass 2).
 
-    ``params``: the solve's per-tensor parameters (``_PARAMS``, debias as after a refresh), then lr, decay,
+    ``params``: the solve's per-tensor parameters (``SOLVE_PARAMS``, debias as after a refresh), then lr, decay,
     rho, and debias without a refresh. Updates the state in place (not the counters). Returns each job's
     per-block results ``(B, 4)`` (update_sq, span_sq, g.g, left untouched), whether its gradient and its
     curvature vector were finite (a tensor with a non-finite gradient is not touched; one with a non-finite
@@ -287,7 +290,7 @@ def step(jobs, w1: float, layouts, clays) -> tuple[list[Tensor], list[tuple[bool
     finite: list[tuple[bool, bool] | None] = [None] * len(jobs)
     clipped = 0
     order = {id(job): i for i, job in enumerate(jobs)}
-    for (sdt, pdt, n), group in _groups(jobs, None):
+    for (sdt, pdt, n), group in _groups(jobs):
         tensors = torch.tensor([[t.B, t.k, t.c is not None, t.U.data_ptr(), t.m.data_ptr(), t.g.data_ptr(),
                                  t.p.data_ptr(), 0 if t.c is None else t.c.data_ptr(), st["s"].data_ptr(),
                                  st["R"].data_ptr(), st["e"].data_ptr()] for t, st, _ in group], dtype=torch.int64)
@@ -295,7 +298,7 @@ def step(jobs, w1: float, layouts, clays) -> tuple[list[Tensor], list[tuple[bool
         sizes = [t.B for t, _, _ in group]
         out = workspace(f"step {sdt} {pdt} {n}", sum(sizes), _NRES, zero=False)
         flags = torch.zeros(len(group), 2, dtype=torch.int64)
-        nt = 1 if sum(t.B * t.k for t, _, _ in group) < _SERIAL_ELEMENTS else torch.get_num_threads()
+        nt = _threads(sum(t.B * t.k for t, _, _ in group))
         count = ctypes.c_int64(0)
         rc = lib.ginger_step(sdt, pdt, n, len(group), tensors.data_ptr(), params.data_ptr(), w1,
                              _offsets(layouts[n], _STATS).data_ptr(), _offsets(clays[n], _COEFS).data_ptr(),
@@ -321,13 +324,13 @@ def _offsets(layout, names) -> Tensor:
 
 
 # Per-block parameters of the small solves, in the order the kernel reads them (NPARAM).
-_PARAMS = ("beta2", "damping", "relative_damping", "power", "debias", "k", "momentum_debias", "tolerance", "debias_e")
+SOLVE_PARAMS = ("beta2", "damping", "relative_damping", "power", "debias", "k", "momentum_debias", "tolerance", "debias_e")
 
 
 def _solve_args(bl, layout, clay, stats: Tensor) -> list[Tensor]:
     """The solves' common inputs, contiguous: stats, stats offsets, s, R, e, per-block parameters, coefficient
     offsets. The caller keeps the list alive through the call (the kernel reads their addresses)."""
-    params = torch.stack([getattr(bl, name) for name in _PARAMS], 1)
+    params = torch.stack([getattr(bl, name) for name in SOLVE_PARAMS], 1)
     tensors = [stats, _offsets(layout, _STATS), bl.s, bl.R, bl.e, params, _offsets(clay, _COEFS)]
     return [x.contiguous() for x in tensors]
 
