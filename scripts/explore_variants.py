@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""Prototype sweeps of Ginger step variants that are not (yet) optimizer arguments.
+
+    python scripts/explore_variants.py --task finetune --variant graft_tensor --lrs 1e-3,3e-3,1e-2
+
+The recommended Ginger is run on the proxy task (``scripts/sweep_lr.py``'s run, same model,
+data, schedule, seed) with its fast step replaced by the plain reference step of
+``ginger_hf.functional`` plus one change (``VARIANTS``). ``--variant none`` is the reference
+itself: the product's math, with other rounding, which 300 steps of training amplify to a few
+hundredths of eval loss. So a variant is compared with ``none`` run on the same path and seed,
+never with the product's tables. Each run appends a JSON line to
+``outputs/explore/TASK.jsonl`` (config ``variant:NAME``). ``--report FILE...`` prints the seed-0
+grids and, for every variant run with other seeds, its paired difference to ``none`` per seed.
+Why each variant exists, and what it showed: docs/research.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from ginger_hf import fused, proxy  # noqa: E402
+from ginger_hf import functional as F  # noqa: E402
+
+_TINY = 1e-30
+
+
+def _graft_block(u, m_hat, state, hp, k):
+    """Per block, Ginger's direction with Adam-mini's step length ``|m_hat| / sqrt(e_hat / k)`` (no new state)."""
+    t = state["step"]
+    e_hat = state["e"] / (1 - hp.beta2**t if hp.bias_correction else 1.0)
+    length = torch.linalg.vector_norm(m_hat, dim=1, dtype=torch.float64) / (e_hat / k).sqrt().clamp_min(_TINY)
+    norm = torch.linalg.vector_norm(u, dim=1, dtype=torch.float64).clamp_min(_TINY)
+    return u * (length / norm).to(u.dtype)[:, None]
+
+
+def _graft_tensor(u, m_hat, state, hp, k, g):
+    """Per tensor, Ginger's direction with AdamW's step length (Distributed Shampoo's Adam grafting;
+    ``d`` more state: Adam's second moment at Ginger's ``beta2``, eps 1e-8)."""
+    v = state.setdefault("graft_v", torch.zeros_like(m_hat))
+    v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
+    adam = m_hat / ((v / (1 - hp.beta2 ** state["step"])).sqrt() + 1e-8)
+    length = torch.linalg.vector_norm(adam, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(u, dtype=torch.float64).clamp_min(_TINY)
+    return u * (length / norm).to(u.dtype)
+
+
+def _memory_in_steps(beta2):
+    """The curvature model's EMA rate per step, not per refresh: with refreshes every ``k`` steps
+    (``k = 4``, the recommended interval) each refresh decays the model by ``beta2^k``, so that its
+    memory spans as many steps as ``e``'s (``1 / (1 - beta2)``) whatever the interval."""
+    return beta2**4
+
+
+VARIANTS = {"none": None, "graft_block": _graft_block, "graft_tensor": _graft_tensor,
+            "memory_in_steps": _memory_in_steps}
+
+
+def _robust_eigh(eigh):
+    """LAPACK's eigh can fail to converge on the (n+1)-sized problems of a badly scaled block; retry it
+    on the matrices divided by their largest entry (same eigenvectors, eigenvalues scaled back)."""
+
+    def robust(K):
+        try:
+            return eigh(K)
+        except torch.linalg.LinAlgError:
+            scale = K.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
+            lam, V = eigh(K / scale)
+            return lam * scale[..., 0], V
+
+    return robust
+
+
+def reference_step(variant):
+    """``fused.ginger``'s signature, computed by ``functional.ginger``'s loop with ``variant`` applied to ``u``."""
+    change = VARIANTS[variant]
+
+    def step(params, grads, curvatures, states, hypers, *, beta1, **_):
+        for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
+            if not (F._all_finite(grad) and F._all_finite(c)):
+                raise FloatingPointError("prototype: non-finite gradient or curvature")
+            U, m = F._blocks(state)
+            B, n, k = U.shape
+            assert torch.equal(state["R"], torch.eye(n, dtype=torch.float64).expand_as(state["R"]))
+            state["step"] += 1
+            if change is _memory_in_steps:  # damping_of debiases s by 1 - beta2_curvature^q
+                hp_s = dataclasses.replace(hp, beta2=change(hp.beta2))
+            else:
+                hp_s = hp
+            if c is not None:
+                U.copy_(F.update_curvature(U, state["s"], c.reshape(B, k), hp_s.beta2))
+                state["curvature_steps"] += 1
+            g = grad.reshape(B, k)
+            state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(),
+                                           alpha=1 - hp.beta2)
+            m.lerp_(g.to(m.dtype), 1 - beta1)
+            gamma, _ = F.damping_of(state, hp, k)
+            _, debias = F.damping_of(state, hp_s, k)
+            m_hat = m / (1 - beta1 ** state["step"])
+            u = F.precondition(U, state["s"] / debias, gamma, m_hat, hp.power)
+            if change is _graft_block:
+                u = change(u, m_hat, state, hp, k)
+            elif change is _graft_tensor:
+                u = change(u, m_hat, state, hp, k, g.to(m.dtype))
+            if hp.rho is not None:
+                u = u.clamp(-hp.rho, hp.rho)
+            if hp.weight_decay != 0:
+                param.mul_(1 - hp.lr * hp.weight_decay)
+            param.add_(u.view(param.shape).to(param.dtype), alpha=-hp.lr)
+
+    return step
+
+
+def report(paths: list[Path]) -> str:
+    """Seed-0 grids (``sweep_lr.report``), and per task and variant run with other seeds, its paired difference
+    to ``none`` on each seed that both ran (each at the learning rate it was run with there: its seed-0 best)."""
+    import tempfile
+
+    from sweep_lr import report as grids
+
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows if r["seed"] == 0))
+        f.flush()
+        out = [grids([Path(f.name)])]
+    reseeded = {(r["task"], r["config"], r["lr"]) for r in rows if r["seed"] != 0}
+    lines = ["| task | variant (lr) - none (lr) | by seed | mean |", "|---|---|---|---|"]
+    for task, config, lr in sorted(reseeded):
+        if config == "variant:none":
+            continue
+        mine = {r["seed"]: r["eval_loss"] for r in rows if (r["task"], r["config"], r["lr"]) == (task, config, lr)}
+        base = {r["seed"]: (r["eval_loss"], r["lr"]) for r in rows if r["task"] == task and r["config"] == "variant:none"
+                and (task, "variant:none", r["lr"]) in reseeded}
+        diffs = [(s, mine[s] - base[s][0]) for s in sorted(mine) if s in base]
+        if not diffs:
+            continue
+        base_lr = base[diffs[0][0]][1]
+        cells = ", ".join(f"{d:+.3f} (seed {s})" for s, d in diffs)
+        lines.append(f"| {task} | {config} ({lr:g}) - none ({base_lr:g}) | {cells} | {sum(d for _, d in diffs) / len(diffs):+.3f} |")
+    return "\n\n".join(out + ["\n".join(lines)])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=proxy.TASKS)
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--lrs", help="comma-separated learning rates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
+    p.add_argument("--output", type=Path, default=None, help="default outputs/explore/TASK.jsonl")
+    p.add_argument("--report", nargs="+", type=Path, default=None, metavar="FILE", help="print the tables and exit")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return
+    if not (args.task and args.variant and args.lrs):
+        p.error("--task, --variant and --lrs are required to run")
+    output = args.output or Path("outputs/explore") / f"{args.task}.jsonl"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fused.ginger = reference_step(args.variant)  # the optimizer calls fused.ginger for every Ginger step
+    torch.linalg.eigh = _robust_eigh(torch.linalg.eigh)
+    config = f"variant:{args.variant}"
+    done = set()
+    if output.exists():
+        done = {(r["config"], r["lr"], r["seed"]) for r in map(json.loads, output.read_text().splitlines())}
+    tokenizer = proxy.load_tokenizer()
+    raw = proxy.load_debsum()
+    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),
+                                                  "validation": proxy.DEFAULT_EVAL_SIZE})
+    for lr in (float(x) for x in args.lrs.split(",")):
+        if (config, lr, args.seed) in done:
+            continue
+        start = time.perf_counter()
+        try:
+            r = proxy.run("ginger", lr, task=args.task, max_steps=args.max_steps, output_dir=Path("outputs/sweep_runs"),
+                          data=data, tokenizer=tokenizer, rouge_size=0, seed=args.seed, disable_tqdm=True)
+            loss, curve = r["eval_loss"], r["eval_curve"]
+        except FloatingPointError:
+            loss, curve = float("nan"), []
+        row = {"task": args.task, "config": config, "lr": lr, "seed": args.seed, "max_steps": args.max_steps,
+               "eval_loss": loss, "eval_curve": curve, "wall_seconds": time.perf_counter() - start}
+        with output.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{args.task} {config} lr {lr:g}: eval loss {loss:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
