@@ -82,7 +82,7 @@ def _robust_eigh(eigh):
 
 
 def reference_step(variant):
-    """``fused.ginger``'s signature, computed by ``functional.ginger``'s loop with ``variant`` applied to ``u``."""
+    """``fused.ginger``'s signature, computed by ``functional.ginger``'s loop with ``variant``'s change."""
     change = VARIANTS[variant]
 
     def step(params, grads, curvatures, states, hypers, *, beta1, **_):
