@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prototype sweeps behind docs/research.md, "After the final sweeps" (about 1.5 hours of one CPU core; lines can
+# The prototype sweeps behind docs/research.md, "After the final sweeps" (about 2 hours of one CPU core; lines can
 # run in parallel). Each run appends a JSON line (skipped if already there); the tables:
 #   python scripts/explore_variants.py --report outputs/explore/{scratch,finetune,lora}.jsonl
 #   python scripts/sweep_lr.py --report outputs/explore/tau8_{scratch,finetune,lora}.jsonl
@@ -13,6 +13,9 @@ $X --task lora --variant none --lrs 3e-3
 $X --task scratch --variant graft_tensor --lrs 3e-4,1e-3,3e-3,1e-2
 $X --task finetune --variant graft_tensor --lrs 1e-3,3e-3,1e-2
 $X --task lora --variant graft_tensor --lrs 1e-3,3e-3,1e-2
+$X --task scratch --variant graft_row --lrs 1e-3,3e-3,1e-2
+$X --task finetune --variant graft_row --lrs 1e-3,3e-3,1e-2,3e-2
+$X --task lora --variant graft_row --lrs 1e-3,3e-3,1e-2
 $X --task finetune --variant graft_block --lrs 1e-3,3e-3,1e-2
 $X --task scratch --variant memory_in_steps --lrs 3e-4,1e-3,3e-3
 $X --task finetune --variant memory_in_steps --lrs 1e-3,3e-3,1e-2
@@ -20,11 +23,13 @@ $X --task lora --variant memory_in_steps --lrs 1e-3,3e-3,1e-2
 for SEED in 1 2; do
   $X --task scratch --variant none --lrs 1e-3 --seed $SEED
   $X --task scratch --variant graft_tensor --lrs 3e-3 --seed $SEED
+  $X --task scratch --variant graft_row --lrs 3e-3 --seed $SEED
   $X --task finetune --variant none --lrs 3e-3 --seed $SEED
   $X --task finetune --variant graft_tensor --lrs 3e-3 --seed $SEED
   $X --task finetune --variant memory_in_steps --lrs 3e-3 --seed $SEED
   $X --task lora --variant none --lrs 3e-3 --seed $SEED
   $X --task lora --variant graft_tensor --lrs 3e-3 --seed $SEED
+  $X --task lora --variant graft_row --lrs 3e-3 --seed $SEED
 done
 # Rank 8 is an argument (tau=8): the product's own step; compare with outputs/final's ginger rows
 S="$PY scripts/sweep_lr.py --configs lever:tau_8"

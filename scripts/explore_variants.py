@@ -44,15 +44,27 @@ def _graft_block(u, m_hat, state, hp, k):
     return u * (length / norm).to(u.dtype)[:, None]
 
 
-def _graft_tensor(u, m_hat, state, hp, k, g):
-    """Per tensor, Ginger's direction with AdamW's step length (Distributed Shampoo's Adam grafting;
-    ``d`` more state: Adam's second moment at Ginger's ``beta2``, eps 1e-8)."""
+def _adam_direction(m_hat, state, hp, g):
+    """AdamW's step (before lr) from Ginger's momentum, with its own second moment ``v`` (``d`` more state)
+    at Ginger's ``beta2``, eps 1e-8."""
     v = state.setdefault("graft_v", torch.zeros_like(m_hat))
     v.mul_(hp.beta2).addcmul_(g, g, value=1 - hp.beta2)
-    adam = m_hat / ((v / (1 - hp.beta2 ** state["step"])).sqrt() + 1e-8)
-    length = torch.linalg.vector_norm(adam, dtype=torch.float64)
+    return m_hat / ((v / (1 - hp.beta2 ** state["step"])).sqrt() + 1e-8)
+
+
+def _graft_tensor(u, m_hat, state, hp, k, g):
+    """Per tensor, Ginger's direction with AdamW's step length (Distributed Shampoo's Adam grafting)."""
+    length = torch.linalg.vector_norm(_adam_direction(m_hat, state, hp, g), dtype=torch.float64)
     norm = torch.linalg.vector_norm(u, dtype=torch.float64).clamp_min(_TINY)
     return u * (length / norm).to(u.dtype)
+
+
+def _graft_row(u, m_hat, state, hp, k, g):
+    """Per block, Ginger's direction with AdamW's step length over the block: Shampoo grafts each
+    preconditioner block, and per block it fuses into the whole-step kernel."""
+    length = torch.linalg.vector_norm(_adam_direction(m_hat, state, hp, g), dim=1, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(u, dim=1, dtype=torch.float64).clamp_min(_TINY)
+    return u * (length / norm).to(u.dtype)[:, None]
 
 
 def _memory_in_steps(beta2):
@@ -62,7 +74,7 @@ def _memory_in_steps(beta2):
     return beta2**4
 
 
-VARIANTS = {"none": None, "graft_block": _graft_block, "graft_tensor": _graft_tensor,
+VARIANTS = {"none": None, "graft_block": _graft_block, "graft_tensor": _graft_tensor, "graft_row": _graft_row,
             "memory_in_steps": _memory_in_steps}
 
 
@@ -110,7 +122,7 @@ def reference_step(variant):
             u = F.precondition(U, state["s"] / debias, gamma, m_hat, hp.power)
             if change is _graft_block:
                 u = change(u, m_hat, state, hp, k)
-            elif change is _graft_tensor:
+            elif change in (_graft_tensor, _graft_row):
                 u = change(u, m_hat, state, hp, k, g.to(m.dtype))
             if hp.rho is not None:
                 u = u.clamp(-hp.rho, hp.rho)

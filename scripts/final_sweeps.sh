@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every learning-rate sweep behind README "Results" (82 runs, about 2.5 hours of one CPU core; lines can run in parallel).
+# Every learning-rate sweep behind README "Results" (100 runs, about 3 hours of one CPU core; lines can run in parallel).
 # Each run appends a JSON line to outputs/final/TASK.jsonl and is skipped if it is already there;
 # the tables: python scripts/sweep_lr.py --report outputs/final/{scratch,finetune,lora}.jsonl
 set -euo pipefail
@@ -23,8 +23,8 @@ $PY scripts/sweep_lr.py --task lora --configs adamw --lrs 0.0003,0.001,0.003,0.0
 $PY scripts/sweep_lr.py --task lora --configs adafactor --lrs 0.001,0.003,0.01,0.03 --output outputs/final/lora.jsonl
 $PY scripts/sweep_lr.py --task lora --configs lever:tensor_blocks --lrs 0.0003,0.001,0.003,0.01 --output outputs/final/lora.jsonl
 $PY scripts/sweep_lr.py --task lora --configs lever:empirical --lrs 0.001,0.003,0.01 --output outputs/final/lora.jsonl
-# Seeds 1 and 2 at seed 0's best learning rates (README "Seeds"); each seed its own file
-for SEED in 1 2; do
+# Seeds 1 to 4 at seed 0's best learning rates (README "Seeds"); each seed its own file
+for SEED in 1 2 3 4; do
   $PY scripts/sweep_lr.py --task scratch --configs ginger --lrs 1e-3 --seed $SEED --output outputs/final/seed${SEED}_scratch.jsonl
   $PY scripts/sweep_lr.py --task scratch --configs adamw,adafactor --lrs 3e-3 --seed $SEED --output outputs/final/seed${SEED}_scratch.jsonl
   $PY scripts/sweep_lr.py --task finetune --configs ginger,adamw,adafactor --lrs 3e-3 --seed $SEED --output outputs/final/seed${SEED}_finetune.jsonl

@@ -1,5 +1,6 @@
 """scripts/explore_variants.py: its prototype step is the reference step, and each variant changes what it says."""
 
+import pytest
 import torch
 from helpers import load_script
 
@@ -33,9 +34,11 @@ def test_variant_none_is_the_reference_step_bit_for_bit():
         assert torch.equal(s["U"], r["U"]) and torch.equal(s["s"], r["s"]) and torch.equal(s["e"], r["e"])
 
 
-def test_graft_tensor_steps_each_tensor_by_adams_length_in_gingers_direction():
+@pytest.mark.parametrize("variant", ["graft_tensor", "graft_row"])
+def test_adam_grafting_steps_by_adams_length_in_gingers_direction(variant):
+    """Per tensor (``graft_tensor``) or per row (``graft_row``): the step's length is AdamW's, computed here."""
     explore = load_script("explore_variants")
-    _, _, grafted = _run(explore.reference_step("graft_tensor"))
+    _, _, grafted = _run(explore.reference_step(variant))
     _, _, plain = _run(explore.reference_step("none"))
     beta1, beta2, lr = 0.8, 0.9, 0.01
     m = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
@@ -46,6 +49,10 @@ def test_graft_tensor_steps_each_tensor_by_adams_length_in_gingers_direction():
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
             adam = (m[i] / (1 - beta1**t)) / ((v[i] / (1 - beta2**t)).sqrt() + 1e-8)
             step, direction = (before[i] - after[i]) / lr, (p_before[i] - p_after[i]) / lr
+            rows = (-1,) if variant == "graft_tensor" else (F.block_shape(step.shape, "row")[0], -1)
+            step, direction, adam = step.reshape(rows), direction.reshape(rows), adam.reshape(rows)
+            length = adam.norm(dim=-1, keepdim=True)
             if t == 1:  # same start: the grafted step is the plain one rescaled to Adam's length
-                torch.testing.assert_close(step, direction * adam.norm() / direction.norm(), rtol=1e-12, atol=0)
-            torch.testing.assert_close(step.norm(), adam.norm(), rtol=1e-12, atol=0)
+                torch.testing.assert_close(step, direction * length / direction.norm(dim=-1, keepdim=True),
+                                           rtol=1e-12, atol=0)
+            torch.testing.assert_close(step.norm(dim=-1, keepdim=True), length, rtol=1e-12, atol=0)
