@@ -31,6 +31,10 @@ for SEED in 1 2; do
   $X --task lora --variant graft_tensor --lrs 3e-3 --seed $SEED
   $X --task lora --variant graft_row --lrs 3e-3 --seed $SEED
 done
+for SEED in 3 4; do
+  $X --task scratch --variant none --lrs 1e-3 --seed $SEED
+  $X --task scratch --variant graft_tensor --lrs 3e-3 --seed $SEED
+done
 # Rank 8 is an argument (tau=8): the product's own step; compare with outputs/final's ginger rows
 S="$PY scripts/sweep_lr.py --configs lever:tau_8"
 $S --task scratch --lrs 3e-4,1e-3,3e-3 --output outputs/explore/tau8_scratch.jsonl
