@@ -224,4 +224,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    tiny.run_worker(main)

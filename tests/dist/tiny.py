@@ -126,7 +126,16 @@ def save_rank_result(result, out: str, rank: int) -> None:
 
 
 def run_worker(main) -> None:
-    """Run a torchrun worker's ``main`` and close its process group (gloo aborts at exit when one is left alive)."""
+    """Run a torchrun worker's ``main``, close its process group, and leave without interpreter finalization.
+
+    ``main`` has written its results to disk by then. Gloo's worker threads can still hold work objects
+    during finalization, and the process then aborts ("terminate called without an active exception",
+    SIGABRT) after it has done everything right: seen once in the DCP reshard test, pytorch/pytorch#179291.
+    ``os._exit(0)`` skips finalization; an exception in ``main`` still fails the worker.
+    """
     main()
     if dist.is_initialized():
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
