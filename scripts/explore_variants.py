@@ -35,11 +35,10 @@ from ginger_hf import functional as F  # noqa: E402
 _TINY = 1e-30
 
 
-def _graft_block(u, m_hat, state, hp, k):
+def _graft_block(u, m_hat, state, hp, k, g):
     """Per block, Ginger's direction with Adam-mini's step length ``|m_hat| / sqrt(e_hat / k)`` (no new state)."""
-    t = state["step"]
-    e_hat = state["e"] / (1 - hp.beta2**t if hp.bias_correction else 1.0)
-    length = torch.linalg.vector_norm(m_hat, dim=1, dtype=torch.float64) / (e_hat / k).sqrt().clamp_min(_TINY)
+    e_per_coordinate, _ = F.damping_of(state, dataclasses.replace(hp, damping=0.0, relative_damping=1.0), k)
+    length = torch.linalg.vector_norm(m_hat, dim=1, dtype=torch.float64) / e_per_coordinate.sqrt().clamp_min(_TINY)
     norm = torch.linalg.vector_norm(u, dim=1, dtype=torch.float64).clamp_min(_TINY)
     return u * (length / norm).to(u.dtype)[:, None]
 
@@ -67,15 +66,12 @@ def _graft_row(u, m_hat, state, hp, k, g):
     return u * (length / norm).to(u.dtype)[:, None]
 
 
-def _memory_in_steps(beta2):
-    """The curvature model's EMA rate per step, not per refresh: with refreshes every ``k`` steps
-    (``k = 4``, the recommended interval) each refresh decays the model by ``beta2^k``, so that its
-    memory spans as many steps as ``e``'s (``1 / (1 - beta2)``) whatever the interval."""
-    return beta2**4
-
-
-VARIANTS = {"none": None, "graft_block": _graft_block, "graft_tensor": _graft_tensor, "graft_row": _graft_row,
-            "memory_in_steps": _memory_in_steps}
+# Step-length variants: ``u`` (the direction, blocks as rows) -> the step to take.
+GRAFTS = {"graft_block": _graft_block, "graft_tensor": _graft_tensor, "graft_row": _graft_row}
+# ``memory_in_steps``: the curvature model's EMA rate counted per step, not per refresh. With refreshes every
+# 4 steps (the recommended interval) each refresh decays the model by ``beta2^4``, so that its memory spans as
+# many steps as ``e``'s (``1 / (1 - beta2)``).
+VARIANTS = ("none", *GRAFTS, "memory_in_steps")
 
 
 def _robust_eigh(eigh):
@@ -95,7 +91,7 @@ def _robust_eigh(eigh):
 
 def reference_step(variant):
     """``fused.ginger``'s signature, computed by ``functional.ginger``'s loop with ``variant``'s change."""
-    change = VARIANTS[variant]
+    graft = GRAFTS.get(variant)
 
     def step(params, grads, curvatures, states, hypers, *, beta1, **_):
         for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
@@ -104,11 +100,9 @@ def reference_step(variant):
             U, m = F._blocks(state)
             B, n, k = U.shape
             assert torch.equal(state["R"], torch.eye(n, dtype=torch.float64).expand_as(state["R"]))
+            # the curvature model's rate (damping_of debiases s by 1 - its beta2^q)
+            hp_s = dataclasses.replace(hp, beta2=hp.beta2**4) if variant == "memory_in_steps" else hp
             state["step"] += 1
-            if change is _memory_in_steps:  # damping_of debiases s by 1 - beta2_curvature^q
-                hp_s = dataclasses.replace(hp, beta2=change(hp.beta2))
-            else:
-                hp_s = hp
             if c is not None:
                 U.copy_(F.update_curvature(U, state["s"], c.reshape(B, k), hp_s.beta2))
                 state["curvature_steps"] += 1
@@ -120,10 +114,8 @@ def reference_step(variant):
             _, debias = F.damping_of(state, hp_s, k)
             m_hat = m / (1 - beta1 ** state["step"])
             u = F.precondition(U, state["s"] / debias, gamma, m_hat, hp.power)
-            if change is _graft_block:
-                u = change(u, m_hat, state, hp, k)
-            elif change in (_graft_tensor, _graft_row):
-                u = change(u, m_hat, state, hp, k, g.to(m.dtype))
+            if graft is not None:
+                u = graft(u, m_hat, state, hp, k, g.to(m.dtype))
             if hp.rho is not None:
                 u = u.clamp(-hp.rho, hp.rho)
             if hp.weight_decay != 0:
@@ -136,15 +128,10 @@ def reference_step(variant):
 def report(paths: list[Path]) -> str:
     """Seed-0 grids (``sweep_lr.report``), and per task and variant run with other seeds, its paired difference
     to ``none`` on each seed that both ran (each at the learning rate it was run with there: its seed-0 best)."""
-    import tempfile
+    from sweep_lr import grids, read_rows
 
-    from sweep_lr import report as grids
-
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows if r["seed"] == 0))
-        f.flush()
-        out = [grids([Path(f.name)])]
+    rows = read_rows(paths)
+    out = [grids([r for r in rows if r["seed"] == 0])]
     reseeded = {(r["task"], r["config"], r["lr"]) for r in rows if r["seed"] != 0}
     lines = ["| task | variant (lr) - none (lr) | by seed | mean |", "|---|---|---|---|"]
     for task, config, lr in sorted(reseeded):
@@ -165,7 +152,7 @@ def report(paths: list[Path]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=proxy.TASKS)
-    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--variant", choices=VARIANTS)
     p.add_argument("--lrs", help="comma-separated learning rates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
@@ -182,9 +169,9 @@ def main(argv=None) -> None:
     fused.ginger = reference_step(args.variant)  # the optimizer calls fused.ginger for every Ginger step
     torch.linalg.eigh = _robust_eigh(torch.linalg.eigh)
     config = f"variant:{args.variant}"
-    done = set()
-    if output.exists():
-        done = {(r["config"], r["lr"], r["seed"]) for r in map(json.loads, output.read_text().splitlines())}
+    from sweep_lr import read_rows
+
+    done = {(r["config"], r["lr"], r["seed"]) for r in read_rows([output])} if output.exists() else set()
     tokenizer = proxy.load_tokenizer()
     raw = proxy.load_debsum()
     data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),

@@ -78,10 +78,19 @@ def done_runs(path: Path) -> set[tuple[str, str, float, int]]:
     return {(r["task"], r["config"], r["lr"], r["max_steps"]) for r in rows}
 
 
+def read_rows(paths: list[Path]) -> list[dict]:
+    """Every run of these JSON lines files."""
+    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+
+
 def report(paths: list[Path], configs: list[str] | None = None) -> str:
+    """``grids`` of the runs in these files."""
+    return grids(read_rows(paths), configs)
+
+
+def grids(rows: list[dict], configs: list[str] | None = None) -> str:
     """One grid per task: a row per config, a column per learning rate, the best of each row in bold
     (marked ``edge`` when it sits at an end of the row's grid or the row has fewer than 3 runs)."""
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
     tables = []
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task and (configs is None or r["config"] in configs)]

@@ -9,12 +9,12 @@ from ginger_hf import functional as F
 SHAPES = [(6, 9), (7,), (3, 2, 2)]
 
 
-def _run(step, steps=7, interval=3, seed=0, **hyper):
-    gen = torch.Generator().manual_seed(seed)
+def _run(step, steps=7, interval=3):
+    gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     states = [F.init_state(p, 2, "row", torch.float64) for p in params]
     hp = F.Hyper(lr=0.01, beta2=0.9, damping=1e-12, relative_damping=0.1, power=0.5, bias_correction=True,
-                 blocks="row", **hyper)
+                 blocks="row")
     history = []
     for t in range(steps):
         grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
