@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prototype sweeps behind docs/research.md, "After the final sweeps" (about 2 hours of one CPU core; lines can
+# The prototype sweeps behind docs/research.md, "After the final sweeps" (about 2.5 hours of one CPU core; lines can
 # run in parallel). Each run appends a JSON line (skipped if already there); the tables:
 #   python scripts/explore_variants.py --report outputs/explore/{scratch,finetune,lora}.jsonl
 #   python scripts/sweep_lr.py --report outputs/explore/tau8_{scratch,finetune,lora}.jsonl
@@ -20,6 +20,9 @@ $X --task finetune --variant graft_block --lrs 1e-3,3e-3,1e-2
 $X --task scratch --variant memory_in_steps --lrs 3e-4,1e-3,3e-3
 $X --task finetune --variant memory_in_steps --lrs 1e-3,3e-3,1e-2
 $X --task lora --variant memory_in_steps --lrs 1e-3,3e-3,1e-2
+$X --task scratch --variant adam_coordinates --lrs 3e-4,1e-3,3e-3
+$X --task finetune --variant adam_coordinates --lrs 1e-3,3e-3,1e-2
+$X --task lora --variant adam_coordinates --lrs 1e-3,3e-3,1e-2
 for SEED in 1 2; do
   $X --task scratch --variant none --lrs 1e-3 --seed $SEED
   $X --task scratch --variant graft_tensor --lrs 3e-3 --seed $SEED
@@ -30,6 +33,9 @@ for SEED in 1 2; do
   $X --task lora --variant none --lrs 3e-3 --seed $SEED
   $X --task lora --variant graft_tensor --lrs 3e-3 --seed $SEED
   $X --task lora --variant graft_row --lrs 3e-3 --seed $SEED
+  $X --task scratch --variant adam_coordinates --lrs 1e-3 --seed $SEED
+  $X --task finetune --variant adam_coordinates --lrs 3e-3 --seed $SEED
+  $X --task lora --variant adam_coordinates --lrs 3e-3 --seed $SEED
 done
 for SEED in 3 4; do
   $X --task scratch --variant none --lrs 1e-3 --seed $SEED

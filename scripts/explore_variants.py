@@ -71,7 +71,11 @@ GRAFTS = {"graft_block": _graft_block, "graft_tensor": _graft_tensor, "graft_row
 # ``memory_in_steps``: the curvature model's EMA rate counted per step, not per refresh. With refreshes every
 # 4 steps (the recommended interval) each refresh decays the model by ``beta2^4``, so that its memory spans as
 # many steps as ``e``'s (``1 / (1 - beta2)``).
-VARIANTS = ("none", *GRAFTS, "memory_in_steps")
+# ``adam_coordinates``: Ginger on top of Adam. With ``D = sqrt(v_hat) + eps`` (Adam's denominator, ``v`` the EMA of
+# ``g^2`` at ``beta2``: ``d`` more state), the low-rank model is of ``G~ = D^-1 G D^-1`` (built from ``c / D``, damped
+# relative to ``|g / D|^2``) and the step is ``D^-1/2 f(G~) D^-1/2 m_hat``: exactly Adam's when ``G~`` is the identity,
+# and a whitening of what Adam's diagonal leaves correlated otherwise.
+VARIANTS = ("none", *GRAFTS, "memory_in_steps", "adam_coordinates")
 
 
 def _robust_eigh(eigh):
@@ -103,17 +107,26 @@ def reference_step(variant):
             # the curvature model's rate (damping_of debiases s by 1 - its beta2^q)
             hp_s = dataclasses.replace(hp, beta2=hp.beta2**4) if variant == "memory_in_steps" else hp
             state["step"] += 1
+            g = grad.reshape(B, k)
+            m.lerp_(g.to(m.dtype), 1 - beta1)
+            m_hat = m / (1 - beta1 ** state["step"])
+            root_d = None
+            if variant == "adam_coordinates":
+                v = state.setdefault("diag_v", torch.zeros_like(m))
+                v.mul_(hp.beta2).addcmul_(g.to(m.dtype), g.to(m.dtype), value=1 - hp.beta2)
+                d = (v / (1 - hp.beta2 ** state["step"])).sqrt() + 1e-8
+                root_d = d.sqrt()
+                g, c, m_hat = g / d, (None if c is None else c.reshape(B, k) / d), m_hat / root_d
             if c is not None:
                 U.copy_(F.update_curvature(U, state["s"], c.reshape(B, k), hp_s.beta2))
                 state["curvature_steps"] += 1
-            g = grad.reshape(B, k)
             state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(),
                                            alpha=1 - hp.beta2)
-            m.lerp_(g.to(m.dtype), 1 - beta1)
             gamma, _ = F.damping_of(state, hp, k)
             _, debias = F.damping_of(state, hp_s, k)
-            m_hat = m / (1 - beta1 ** state["step"])
             u = F.precondition(U, state["s"] / debias, gamma, m_hat, hp.power)
+            if root_d is not None:
+                u = u / root_d
             if graft is not None:
                 u = graft(u, m_hat, state, hp, k, g.to(m.dtype))
             if hp.rho is not None:

@@ -4,6 +4,7 @@
     python scripts/sweep_lr.py --task scratch                       # the standard grid, every optimizer
     python scripts/sweep_lr.py --task lora --configs ginger,adamw --lrs 1e-3,3e-3,1e-2
     python scripts/sweep_lr.py --task finetune --configs lever:interval_1 --output outputs/final/finetune.jsonl
+    python scripts/sweep_lr.py --model large --eval-split test --configs ginger,adamw --output outputs/large/scratch.jsonl
 
 A *config* is an optimizer of ``ginger_hf.proxy.OPTIMIZERS`` (``ginger`` is the recommended
 Ginger, ``ginger_paper`` the paper's configuration), or ``lever:NAME``: the recommended Ginger
@@ -14,6 +15,9 @@ eval loss, eval curve, seconds per step, Ginger statistics) to ``--output``, so 
 split across processes and resumed (runs already in the file are skipped). ``--report FILE...``
 prints one grid per task (config x lr, final eval loss), each config's best in bold, marked
 ``(edge)`` when it sits at an end of its grid.
+
+``--model large --eval-split test`` re-checks a choice away from the tables it was made on: a T5 six times
+the proxy's size (FINDINGS' 8.4M-parameter proxy), trained from scratch and evaluated on the held-out test rows.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ LEVERS: dict[str, str] = {
     "sqrt_scale": "curvature_scale=sqrt",
     "no_bias_correction": "bias_correction=false",
 }
+
+# T5Config overrides of each model size (scratch only: the pre-trained T5 of finetune and lora is the proxy's).
+MODELS = {"proxy": {}, "large": dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4)}
 
 DEFAULT_LRS = {"scratch": [3e-4, 1e-3, 3e-3, 1e-2], "finetune": [3e-4, 1e-3, 3e-3, 1e-2],
                "lora": [1e-3, 3e-3, 1e-2, 3e-2]}
@@ -119,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the task's grid)")
     p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=sorted(MODELS), default="proxy", help="model size (large: scratch only)")
+    p.add_argument("--eval-split", choices=("validation", "test"), default="validation",
+                   help="rows the eval loss is taken on (test: all 500 held-out rows)")
     p.add_argument("--output", type=Path, default=None, help="JSON lines file (default outputs/sweeps/TASK.jsonl)")
     p.add_argument("--report", nargs="*", type=Path, default=None, metavar="FILE",
                    help="print the grids of these JSON lines files (default: --output) and exit")
@@ -128,15 +138,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.report is not None:
         print(report(args.report or [output], chosen))
         return
+    if args.model != "proxy" and args.task != "scratch":
+        p.error(f"--model {args.model} trains from scratch only (--task scratch), got --task {args.task}")
     lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS[args.task]
     configs = chosen or ["ginger", "ginger_paper", "adamw", "adafactor"]
     for c in configs:
         resolve(c)  # fail before any training
     output.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = proxy.load_tokenizer()
-    raw = proxy.load_debsum()
+    raw = proxy.load_debsum(("train", args.eval_split))
+    eval_size = proxy.DEFAULT_EVAL_SIZE if args.eval_split == "validation" else len(raw[args.eval_split])
     data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),
-                                                  "validation": proxy.DEFAULT_EVAL_SIZE})
+                                                  args.eval_split: eval_size})
+    data["validation"] = data.pop(args.eval_split)
     for config in configs:
         name, optim_args = resolve(config)
         for lr in lrs:
@@ -146,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             r = proxy.run(name, lr, task=args.task, max_steps=args.max_steps, output_dir=Path("outputs/sweep_runs"),
                           data=data, tokenizer=tokenizer, rouge_size=0, seed=args.seed, disable_tqdm=True,
-                          optim_args=with_stats(name, optim_args))
-            row = {"task": args.task, "config": config, "optim_args": r["optim_args"], **{k: r[k] for k in (
+                          optim_args=with_stats(name, optim_args), model_overrides=MODELS[args.model])
+            row = {"task": args.task, "config": config, "seed": args.seed, "model": args.model,
+                   "eval_split": args.eval_split, "optim_args": r["optim_args"], **{k: r[k] for k in (
                 "optimizer", "lr", "max_steps", "eval_loss", "sec_per_step", "eval_curve", "optimizer_state_mb",
                 "ginger_stats")}, "wall_seconds": time.perf_counter() - start}
             with output.open("a") as f:

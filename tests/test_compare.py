@@ -135,3 +135,31 @@ def test_sweep_report_grid_marks_each_best_and_grid_edges(tmp_path, capsys):
     assert lora.splitlines()[2] == "| ginger | **6.300** (edge) |"  # fewer than 3 runs
     sweep.main(["--report", str(path), "--configs", "adamw"])
     assert "ginger" not in capsys.readouterr().out.split("\n\n")[0]
+
+
+def test_sweep_on_the_large_model_evaluates_on_the_held_out_rows(tmp_path, monkeypatch):
+    """``--model large --eval-split test``: the larger T5's overrides reach the run, and the eval loss is taken on
+    every test row (not validation rows); the large model trains from scratch only."""
+    sweep = load_script("sweep_lr")
+    seen = []
+
+    def fake_run(name, lr, **kw):
+        seen.append(kw)
+        return {"optim_args": kw["optim_args"], "optimizer": name, "lr": lr, "max_steps": kw["max_steps"],
+                "eval_loss": 5.0, "sec_per_step": 0.1, "eval_curve": [], "optimizer_state_mb": 1.0, "ginger_stats": []}
+
+    monkeypatch.setattr(sweep.proxy, "run", fake_run)
+    out = tmp_path / "large.jsonl"
+    sweep.main(["--model", "large", "--eval-split", "test", "--configs", "adamw", "--lrs", "1e-3", "--max-steps", "3",
+                "--output", str(out)])
+    (kw,) = seen
+    assert kw["model_overrides"] == sweep.MODELS["large"] and kw["task"] == "scratch"
+    test = proxy.load_debsum(("test",))["test"]
+    assert len(kw["data"]["validation"]) == len(test) == 500
+    first = proxy.tokenize_splits({"test": test}, proxy.load_tokenizer(), {"test": 1})["test"][0]
+    assert kw["data"]["validation"][0]["input_ids"] == first["input_ids"]
+    row = json.loads(out.read_text())
+    assert (row["model"], row["eval_split"], row["seed"]) == ("large", "test", 0)
+    with pytest.raises(SystemExit):
+        sweep.main(["--model", "large", "--task", "lora", "--output", str(tmp_path / "no.jsonl")])
+    assert not (tmp_path / "no.jsonl").exists()

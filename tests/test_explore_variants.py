@@ -56,3 +56,43 @@ def test_adam_grafting_steps_by_adams_length_in_gingers_direction(variant):
                 torch.testing.assert_close(step, direction * length / direction.norm(dim=-1, keepdim=True),
                                            rtol=1e-12, atol=0)
             torch.testing.assert_close(step.norm(dim=-1, keepdim=True), length, rtol=1e-12, atol=0)
+
+
+def test_adam_coordinates_is_ginger_on_adams_diagonal():
+    """``adam_coordinates`` against a dense float64 computation: per block, ``D^-1/2 G~^-1/2 D^-1/2 m_hat`` with
+    ``D = sqrt(v_hat) + eps`` and ``G~`` the damped top-2 EMA of ``(c / D)(c / D)^T``."""
+    explore = load_script("explore_variants")
+    params, _, history = _run(explore.reference_step("adam_coordinates"))
+    beta1, beta2, lr, lam, tau, interval = 0.8, 0.9, 0.01, 0.1, 2, 3
+    gen = torch.Generator().manual_seed(0)
+    theta = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    splits = [F.block_shape(s, "row") for s in SHAPES]
+    m = [torch.zeros(B, k, dtype=torch.float64) for B, k in splits]
+    v = [torch.zeros(B, k, dtype=torch.float64) for B, k in splits]
+    e = [torch.zeros(B, dtype=torch.float64) for B, _ in splits]
+    L = [torch.zeros(B, k, k, dtype=torch.float64) for B, k in splits]
+    q = 0
+    for t in range(1, len(history) + 1):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+        curvs = [torch.randn(s, generator=gen, dtype=torch.float64) if (t - 1) % interval == 0 else None for s in SHAPES]
+        torch.testing.assert_close(grads, history[t - 1][2], rtol=0, atol=0)  # the same draws as the run
+        q += curvs[0] is not None
+        for i, ((B, k), g, c) in enumerate(zip(splits, grads, curvs)):
+            g = g.reshape(B, k)
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            d = (v[i] / (1 - beta2**t)).sqrt() + 1e-8
+            m[i] = beta1 * m[i] + (1 - beta1) * g
+            if c is not None:
+                cn = c.reshape(B, k) / d
+                full = beta2 * L[i] + (1 - beta2) * cn[:, :, None] * cn[:, None, :]
+                lam_, V = torch.linalg.eigh(full)
+                L[i] = (V[..., -tau:] * lam_[:, None, -tau:]) @ V[..., -tau:].transpose(1, 2)
+            e[i] = beta2 * e[i] + (1 - beta2) * (g / d).square().sum(1)
+            gamma = 1e-12 + lam * e[i] / ((1 - beta2**t) * k)
+            G = gamma[:, None, None] * torch.eye(k, dtype=torch.float64) + L[i] / (1 - beta2**q)
+            w, V = torch.linalg.eigh(G)
+            x = (m[i] / (1 - beta1**t)) / d.sqrt()
+            u = (V @ (w.pow(-0.5) * (V.transpose(1, 2) @ x[:, :, None])[..., 0])[:, :, None])[..., 0] / d.sqrt()
+            theta[i] = theta[i] - lr * u.reshape(theta[i].shape)
+    for p, ref in zip(params, theta):
+        torch.testing.assert_close(p, ref, rtol=1e-10, atol=1e-12)
