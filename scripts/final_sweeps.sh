@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every learning-rate sweep behind README "Results" (100 runs, about 3 hours of one CPU core; lines can run in parallel),
-# then the held-out check on a 6x larger T5 (13 runs of about 9 minutes; README "A larger model, held-out rows").
+# then the held-out check on a 6x larger T5 (16 runs of about 9 minutes; README "A larger model, held-out rows").
 # Each run appends a JSON line to outputs/final/TASK.jsonl and is skipped if it is already there;
 # the tables: python scripts/sweep_lr.py --report outputs/final/{scratch,finetune,lora}.jsonl
 set -euo pipefail
@@ -36,4 +36,6 @@ done
 L="$PY scripts/sweep_lr.py --model large --eval-split test"
 $L --configs ginger,adamw --lrs 0.0003,0.001,0.003 --output outputs/large/scratch.jsonl
 $L --configs adafactor --lrs 0.0003,0.001,0.003,0.01 --output outputs/large/scratch.jsonl
-$L --configs ginger,adamw,adafactor --lrs 0.001 --seed 1 --output outputs/large/seed1_scratch.jsonl
+for SEED in 1 2; do
+  $L --configs ginger,adamw,adafactor --lrs 0.001 --seed $SEED --output outputs/large/seed${SEED}_scratch.jsonl
+done
