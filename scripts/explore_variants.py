@@ -182,13 +182,11 @@ def main(argv=None) -> None:
     fused.ginger = reference_step(args.variant)  # the optimizer calls fused.ginger for every Ginger step
     torch.linalg.eigh = _robust_eigh(torch.linalg.eigh)
     config = f"variant:{args.variant}"
-    from sweep_lr import read_rows
+    from sweep_lr import read_rows, task_data
 
     done = {(r["config"], r["lr"], r["seed"]) for r in read_rows([output])} if output.exists() else set()
     tokenizer = proxy.load_tokenizer()
-    raw = proxy.load_debsum()
-    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),
-                                                  "validation": proxy.DEFAULT_EVAL_SIZE})
+    data = task_data(tokenizer, args.max_steps)
     for lr in (float(x) for x in args.lrs.split(",")):
         if (config, lr, args.seed) in done:
             continue

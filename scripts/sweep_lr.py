@@ -79,15 +79,22 @@ def with_stats(name: str, optim_args: str | None) -> str | None:
 
 
 def done_runs(path: Path) -> set[tuple[str, str, float, int]]:
-    if not path.exists():
-        return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["task"], r["config"], r["lr"], r["max_steps"]) for r in rows}
+    return {(r["task"], r["config"], r["lr"], r["max_steps"]) for r in read_rows([path])} if path.exists() else set()
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
     """Every run of these JSON lines files."""
     return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+
+
+def task_data(tokenizer, max_steps: int, eval_split: str = "validation") -> dict:
+    """The rows a sweep run trains on (``max_steps`` batches) and evaluates on, as ``{"train", "validation"}``:
+    the first ``proxy.DEFAULT_EVAL_SIZE`` validation rows, or every held-out test row."""
+    raw = proxy.load_debsum(("train", eval_split))
+    eval_size = proxy.DEFAULT_EVAL_SIZE if eval_split == "validation" else len(raw[eval_split])
+    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), max_steps * proxy.DEFAULT_BATCH_SIZE),
+                                                  eval_split: eval_size})
+    return {"train": data["train"], "validation": data[eval_split]}
 
 
 def report(paths: list[Path], configs: list[str] | None = None) -> str:
@@ -146,11 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         resolve(c)  # fail before any training
     output.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = proxy.load_tokenizer()
-    raw = proxy.load_debsum(("train", args.eval_split))
-    eval_size = proxy.DEFAULT_EVAL_SIZE if args.eval_split == "validation" else len(raw[args.eval_split])
-    data = proxy.tokenize_splits(raw, tokenizer, {"train": min(len(raw["train"]), args.max_steps * proxy.DEFAULT_BATCH_SIZE),
-                                                  args.eval_split: eval_size})
-    data["validation"] = data.pop(args.eval_split)
+    data = task_data(tokenizer, args.max_steps, args.eval_split)
     for config in configs:
         name, optim_args = resolve(config)
         for lr in lrs:
