@@ -1,6 +1,6 @@
 """Seconds per Trainer step on the main job's model: AdamW vs Ginger (recommended, mc every step, empirical, paper).
 
-Uses the proxy task of scripts/compare.py (``ginger_hf.proxy``: the from-scratch T5 on the
+Uses the proxy task of scripts/compare.py (``offline_tasks.proxy``: the from-scratch T5 on the
 bundled debsum sample, stock ``Seq2SeqTrainer``, ``--optim ginger``). Configurations run in
 alternating rounds in one process (the machine is shared: alternation spreads load evenly),
 each round a fresh Trainer for ``--steps`` optimizer steps; a step is timed from
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ import torch
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
 import ginger_hf  # noqa: F401  (registers --optim ginger)
-from ginger_hf import proxy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
+from offline_tasks import proxy  # noqa: E402
 
 CONFIGS = {
     "adamw_fused": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99),
@@ -95,7 +97,7 @@ def main(argv=None):
     tokenizer = proxy.load_tokenizer()
     data = proxy.tokenize_splits(proxy.load_debsum(("train",)), tokenizer, {"train": a.train_rows})
     n_params = sum(p.numel() for p in proxy.build_model(tokenizer).parameters())
-    print(f"model: ginger_hf.proxy T5 ({n_params / 1e6:.2f}M parameters), batch {a.batch_size}, "
+    print(f"model: offline_tasks.proxy T5 ({n_params / 1e6:.2f}M parameters), batch {a.batch_size}, "
           f"threads {torch.get_num_threads()}, load at start {os.getloadavg()}")
     times = {name: [] for name in names}
     loads = []

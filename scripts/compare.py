@@ -5,10 +5,10 @@
     python scripts/compare.py --task finetune --optimizers ginger,ginger_paper,adamw,adafactor
     python scripts/compare.py --task lora --output-dir outputs/compare_lora
 
-Tasks (``ginger_hf.proxy.TASKS``): ``scratch`` trains a fresh small T5; ``finetune`` and
+Tasks (``offline_tasks.proxy.TASKS``): ``scratch`` trains a fresh small T5; ``finetune`` and
 ``lora`` start from the span-corruption pre-trained one (``scripts/pretrain_t5.py``), fully
 or with LoRA through peft. Each optimizer gets the same seed, init, data order, steps and
-lr schedule, at its learning rate for the task (``ginger_hf.proxy.TASK_LR``, picked by
+lr schedule, at its learning rate for the task (``offline_tasks.proxy.TASK_LR``, picked by
 scripts/sweep_lr.py), with the stock Seq2SeqTrainer; then eval loss on the validation
 sample, and ROUGE of greedy generations on its first ``--rouge-size`` rows. Writes
 ``report.json`` (one object per optimizer), ``report.md`` (the table, also printed) and
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # 2-core machine two threads per process were ~5x slower (threads wait on each other).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ginger_hf import kernel, proxy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
+from ginger_hf import kernel  # noqa: E402
+from offline_tasks import proxy  # noqa: E402
 
 TINY_MODEL = dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
 COLUMNS = [("optimizer", "optimizer", "{}"), ("lr", "lr", "{:g}"), ("eval loss", "eval_loss", "{:.3f}"),

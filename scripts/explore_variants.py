@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from ginger_hf import fused, proxy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
+from ginger_hf import fused  # noqa: E402
+from offline_tasks import proxy  # noqa: E402
 from ginger_hf import functional as F  # noqa: E402
 
 _TINY = 1e-30

@@ -1,4 +1,4 @@
-"""Make the bundled debsum sample (ginger_hf/data/debsum/) from the full set.
+"""Make the bundled debsum sample (recipes/offline_tasks/data/debsum/) from the full set.
 
 The offline main job (scripts/compare.py) and the tests train on this sample, so it
 must be small enough to ship in the repo and deterministic to rebuild:
@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 DEFAULT_SIZES = {"train": 16000, "validation": 500, "test": 500}
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ginger_hf" / "data" / "debsum"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "recipes" / "offline_tasks" / "data" / "debsum"
 
 
 def sample_split(source: Path, out: Path, size: int, seed: int) -> int:

@@ -1,10 +1,10 @@
-"""Train the hub-free tokenizer shipped in ginger_hf/data/tokenizer/.
+"""Train the hub-free tokenizer shipped in recipes/offline_tasks/data/tokenizer/.
 
 A 4,000-piece Unigram model (the SentencePiece algorithm, trained with the
 ``tokenizers`` library) on the bundled debsum train sample, wrapped in
 ``transformers.T5Tokenizer`` so it has T5's layout: <pad>=0, </s>=1, <unk>=2, no
 <extra_id_*> tokens, "</s>" appended to every sequence. Load it with
-``AutoTokenizer.from_pretrained(ginger_hf.proxy.TOKENIZER_DIR)``; rebuild with
+``AutoTokenizer.from_pretrained(offline_tasks.proxy.TOKENIZER_DIR)``; rebuild with
 
     python scripts/make_tokenizer.py
 """
@@ -47,8 +47,8 @@ def train_unigram(files: list[Path], vocab_size: int) -> list[tuple[str, float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-file", type=Path, default=ROOT / "ginger_hf" / "data" / "debsum" / "train.jsonl.gz")
-    parser.add_argument("--output-dir", type=Path, default=ROOT / "ginger_hf" / "data" / "tokenizer")
+    parser.add_argument("--train-file", type=Path, default=ROOT / "recipes" / "offline_tasks" / "data" / "debsum" / "train.jsonl.gz")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "recipes" / "offline_tasks" / "data" / "tokenizer")
     parser.add_argument("--vocab-size", type=int, default=4000)
     parser.add_argument("--extra-ids", type=int, default=32, help="<extra_id_*> sentinels for span-corruption pre-training")
     args = parser.parse_args()

@@ -2,15 +2,15 @@
 """Pre-train the proxy T5 once on span corruption, for the fine-tuning and LoRA tasks.
 
     python scripts/pretrain_t5.py                       # -> outputs/pretrained_t5/ (about 5 minutes)
-    python scripts/pretrain_t5.py --output-dir ginger_hf/data/pretrained_t5   # refresh the shipped copy
+    python scripts/pretrain_t5.py --output-dir recipes/offline_tasks/data/pretrained_t5   # refresh the shipped copy
 
 T5's own objective (Raffel et al. 2020): 15% of each document's tokens, in spans of mean
 length 3, are replaced by sentinels ``<extra_id_i>``; the target lists each sentinel
 followed by the tokens it hid. Documents only (never a summary) from the bundled train
-sample, so the summarization task stays unseen. The model is ``ginger_hf.proxy``'s T5
+sample, so the summarization task stays unseen. The model is ``offline_tasks.proxy``'s T5
 (``sane_init_``), trained by AdamW with a fixed seed, one thread, a fixed corruption per
 epoch: the run is deterministic on a given machine and torch build. The weights are saved
-in bfloat16 (2.9 MB, shipped as ``ginger_hf/data/pretrained_t5``); the tasks load them as
+in bfloat16 (2.9 MB, shipped as ``recipes/offline_tasks/data/pretrained_t5``); the tasks load them as
 float32.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,8 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
 
-from ginger_hf import proxy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
+from offline_tasks import proxy  # noqa: E402
 
 NOISE_DENSITY = 0.15
 MEAN_SPAN = 3.0

@@ -6,7 +6,7 @@
     python scripts/sweep_lr.py --task finetune --configs lever:interval_1 --output outputs/final/finetune.jsonl
     python scripts/sweep_lr.py --model large --eval-split test --configs ginger,adamw --output outputs/large/scratch.jsonl
 
-A *config* is an optimizer of ``ginger_hf.proxy.OPTIMIZERS`` (``ginger`` is the recommended
+A *config* is an optimizer of ``offline_tasks.proxy.OPTIMIZERS`` (``ginger`` is the recommended
 Ginger, ``ginger_paper`` the paper's configuration), or ``lever:NAME``: the recommended Ginger
 with one lever changed (``LEVERS`` below; the research log in docs/research.md says why each
 exists). Every run is the full task of scripts/compare.py (same model, data, steps, schedule,
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from ginger_hf import proxy  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
+from offline_tasks import proxy  # noqa: E402
 
 # One lever changed from the recommended configuration (what each tests: docs/research.md).
 LEVERS: dict[str, str] = {

@@ -6,6 +6,8 @@ import torch
 
 # Tests import the dense reference and helper scripts that live beside them.
 sys.path.insert(0, os.path.dirname(__file__))
+# ... and the offline tasks of the repository (recipes/offline_tasks: not part of the installed package).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from helpers import load_script
 
-from ginger_hf import proxy, state_bytes
+from ginger_hf import state_bytes
+from offline_tasks import proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 

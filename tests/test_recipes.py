@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq, T5Config, T5ForConditionalGeneration
 
 import ginger_hf
-from ginger_hf import proxy
+from offline_tasks import proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "summarization" / "run_summarization.py"

@@ -31,7 +31,8 @@ from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Data
                           HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed)
 
 import ginger_hf  # noqa: F401  (registers --optim ginger)
-from ginger_hf.summarization import PREFIX, decode_predictions, preprocess, rouge_metric
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/: the shared offline_tasks helpers
+from offline_tasks.summarization import PREFIX, decode_predictions, preprocess, rouge_metric  # noqa: E402
 
 
 @dataclass
