@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import ginger_hf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "recipes"))  # offline_tasks
 from helpers import free_port  # noqa: E402,F401  (re-exported for the workers)
 from helpers import tiny_t5 as _tiny_t5  # noqa: E402
 
