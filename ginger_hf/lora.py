@@ -87,30 +87,31 @@ def split_param_groups(
 ) -> list[dict[str, Any]]:
     """Split each param group (e.g. the Trainer's decay / no-decay groups) by role.
 
-    Keeps every other key of the group (``weight_decay``...). A parameter missing from
-    ``roles`` gets Ginger. Empty groups are dropped.
+    Keeps every other key of the group (``weight_decay``...); ``(name, tensor)`` params stay
+    named. A parameter missing from ``roles`` gets Ginger. Empty groups are dropped.
     """
     groups = list(groups)
-    if groups and isinstance(groups[0], Tensor):
+    if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
     out: list[dict[str, Any]] = []
     joint_home: dict[str, int] = {}
     for index, group in enumerate(groups):
         params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
         ginger, adamw, joint = [], [], {}
-        for p in params:
+        for item in params:
+            p = item[1] if isinstance(item, tuple) else item
             algorithm, key = roles.get(id(p), ("ginger", None))
             if algorithm == "adamw":
-                adamw.append(p)
+                adamw.append(item)
             elif key is None:
-                ginger.append(p)
+                ginger.append(item)
             else:
                 if joint_home.setdefault(key, index) != index:
                     raise ValueError(
                         f"lora_blocks=joint: the parameters of LoRA module {key!r} fall into different param groups "
                         "(e.g. different weight decay); they must share one group to form one block"
                     )
-                joint.setdefault(key, []).append(p)
+                joint.setdefault(key, []).append(item)
         if ginger:
             out.append({**group, "params": ginger})
         out.extend({**group, "params": ps, "joint": True} for ps in joint.values())

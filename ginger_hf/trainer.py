@@ -34,6 +34,9 @@ class TrainerGinger(Ginger):
     ``counts_all_ranks`` is the Trainer's ``average_tokens_across_devices``.
     """
 
+    _COPIED = {**Ginger._COPIED, "log_stats": False}
+    _NOT_COPIED = {**Ginger._NOT_COPIED, "grad_scaler": None}
+
     def __init__(
         self,
         params,
