@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BEFORE_BLOCKS", "fill_missing_group_keys", "upgrade_flat_state"]
+__all__ = ["BEFORE_BLOCKS", "CURVATURE_SCALE_BEFORE_BLOCKS", "fill_missing_group_keys", "upgrade_flat_states"]
 
 # The keys added on 2026-12-02, at the values that version computed with (the paper's).
 BEFORE_BLOCKS = dict(power=1.0, relative_damping=0.0, bias_correction=False, blocks="tensor")
@@ -36,6 +36,21 @@ def fill_missing_group_keys(groups: list[dict[str, Any]]) -> list[dict[str, Any]
         f"{CURVATURE_SCALE_BEFORE_BLOCKS!r}) as then.", stacklevel=3,
     )
     return [{**BEFORE_BLOCKS, **g} for g in groups]
+
+
+def upgrade_flat_states(param_groups: list[dict[str, Any]], states: dict[Tensor, dict[str, Any]]) -> None:
+    """Rewrite the loaded flat Ginger states in today's layout (a joint group's state on its first parameter)."""
+    for group in param_groups:
+        if group["algorithm"] != "ginger" or not group["params"]:
+            continue
+        if group["joint"]:
+            owners = [(group["params"][0], (sum(p.numel() for p in group["params"]),))]
+        else:
+            owners = [(p, p.shape) for p in group["params"]]
+        for p, shape in owners:
+            state = states.get(p)
+            if state and is_flat(state):
+                upgrade_flat_state(state, shape, group["curvature_interval"])
 
 
 def is_flat(state: dict[str, Any]) -> bool:

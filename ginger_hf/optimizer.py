@@ -29,6 +29,7 @@ from .pending import clear_curvature, get_curvature
 __all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "ALGORITHMS", "unwrap_ginger", "state_bytes",
            "validate_hyperparameters"]
 
+
 def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
     """float32 state for half-precision parameters, otherwise the parameter's own dtype."""
     if state_dtype is not None:
@@ -472,13 +473,7 @@ class Ginger(Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         if old_format:
             self.curvature_scale = legacy.CURVATURE_SCALE_BEFORE_BLOCKS
-            for group in self.param_groups:
-                key = group["params"][0] if group["joint"] and group["params"] else None
-                for p in group["params"] if key is None else [key]:
-                    state = self.state.get(p)
-                    if state and legacy.is_flat(state):
-                        shape = (sum(q.numel() for q in group["params"]),) if key is not None else p.shape
-                        legacy.upgrade_flat_state(state, shape, group["curvature_interval"])
+            legacy.upgrade_flat_states(self.param_groups, self.state)
 
     def state_bytes(self) -> int:
         """Bytes held in state tensors, summed over all blocks."""

@@ -240,6 +240,31 @@ def test_an_old_checkpoint_loads_with_its_old_meaning_and_steps_as_the_paper(int
     assert all(opt.state[p]["step"] == 7 for p in model.parameters())
 
 
+def test_an_old_joint_group_loads_as_one_concatenated_parameter():
+    """A joint group's old state (on its first parameter) steps as the same state on one flat parameter."""
+    a = torch.nn.Parameter(torch.randn(3, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    flat = torch.nn.Parameter(torch.cat([a.detach().reshape(-1), b.detach()]))
+    saved = _old_checkpoint([(10,)], step=2, tau=2, interval=1, generator=torch.Generator().manual_seed(3))
+    joint_saved = copy.deepcopy(saved)
+    joint_saved["param_groups"][0].update(joint=True, params=[0, 1])
+    joint, single = Ginger([{"params": [a, b], "joint": True}]), Ginger([flat])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        joint.load_state_dict(joint_saved)
+        single.load_state_dict(saved)
+    assert joint.state[a]["U"].shape == (2, 10) and b not in joint.state
+    for t in range(3):
+        for p, (g, c) in zip((a, b), (_draw(t, 0, a), _draw(t, 1, b))):
+            p.grad = g
+            set_curvature(p, c)
+        flat.grad = torch.cat([a.grad.reshape(-1), b.grad])
+        set_curvature(flat, torch.cat([_draw(t, 0, a)[1].reshape(-1), _draw(t, 1, b)[1]]))
+        joint.step()
+        single.step()
+        torch.testing.assert_close(torch.cat([a.detach().reshape(-1), b.detach()]), flat.detach(), rtol=1e-12, atol=1e-14)
+
+
 def test_a_checkpoint_with_every_key_loads_without_a_warning():
     a, b = _model(), _model()
     first = Ginger(a.parameters(), lr=1e-2)
