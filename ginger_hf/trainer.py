@@ -105,7 +105,8 @@ class TrainerGinger(Ginger):
                 "Ginger: the checkpoint's optimizer settings differ from the requested ones; the checkpoint's are "
                 "used (as torch optimizers load them): "
                 + ", ".join(f"{k}={new!r} (requested {old!r})" for k, (old, new) in changes.items())
-                + ". To train with the requested settings, start from the model weights without the optimizer state."
+                + f". (curvature_scale is not part of a checkpoint: the requested {self.curvature_scale!r} is used.) To "
+                "train with the requested settings, start from the model weights without the optimizer state."
             )
 
 

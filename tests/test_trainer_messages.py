@@ -73,6 +73,7 @@ def test_resuming_with_other_settings_warns_which_are_used(tmp_path, ginger_log)
     assert "the checkpoint's are used" in warnings[0]
     assert "tau=2 (requested 3)" in warnings[0] and "curvature_interval=4 (requested 2)" in warnings[0]
     assert "curvature=" not in warnings[0]  # the same in both
+    assert "the requested 'mean' is used" in warnings[0]  # the one setting a checkpoint does not hold
     assert {(g["tau"], g["curvature_interval"]) for g in ginger.param_groups} == {(2, 4)}  # torch semantics
 
 

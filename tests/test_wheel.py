@@ -1,7 +1,7 @@
 """The package as a user installs it: a wheel in a fresh virtual environment, the repository off the path.
 
-First with torch alone (``import ginger_hf``, the README's classifier example, ``--optim ginger`` refused
-with the extra to install), then with the ``hf`` extra at the versions of ``constraints.txt``
+First with torch alone (``import ginger_hf``, the README's classifier example, ``register()`` and the
+launcher refused naming the extra to install), then with the ``hf`` extra at the versions of ``constraints.txt``
 (``--optim ginger`` in a stock Trainer on a tiny model, started through the launcher).
 """
 
@@ -88,6 +88,9 @@ def test_a_wheel_works_in_a_fresh_venv_with_torch_alone_then_with_the_hf_extra(t
     _run([python, "-m", "pip", "install", "-q", TORCH], work, env)
     _run([python, "-m", "pip", "install", "-q", "--no-deps", str(wheel)], work, env)
     assert "torch-only ok" in _run([python, "-c", TORCH_ONLY], work, env)
+    launcher = subprocess.run([python, "-m", "ginger_hf.run", "train.py"], cwd=work, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert launcher.returncode == 2 and "pip install 'ginger-hf[hf]'" in launcher.stderr, launcher.stderr
     example = next(b for b in python_blocks() if "add_sampled_label_curvature" in b and "Sequential" in b)
     out = _run([python, "-c", example], work, env)
     assert float(out.split("train accuracy")[1].split()[0]) > 0.8
