@@ -143,8 +143,7 @@ def apply_group_preset(group: dict[str, Any], curvature_scale: str) -> dict[str,
     values = {k: v for k, v in PRESETS[name].items() if k != "curvature_scale"}
     group = {**values, **group}
     wants = PRESETS[name]["curvature_scale"]
-    if group.get("curvature", values["curvature"]) == "mc" and group.get("algorithm", "ginger") == "ginger" \
-            and wants != curvature_scale:
+    if group["curvature"] == "mc" and group.get("algorithm", "ginger") == "ginger" and wants != curvature_scale:
         raise ValueError(
             f"Ginger: a param group with preset={name!r} and curvature='mc' needs curvature_scale={wants!r}, but the "
             f"optimizer scales curvature vectors by {curvature_scale!r} (one scale for all groups). Pass "
