@@ -47,7 +47,7 @@ def describe(optimizer: Ginger) -> str:
         differ["backend"] = optimizer.backend
     counts = {a: sum(len(g["params"]) for g in optimizer.param_groups if g["algorithm"] == a) for a in ("ginger", "adamw")}
     joint = sum(1 for g in optimizer.param_groups if g["joint"])
-    line = (f"Optimizer: Ginger (preset={optimizer.preset!r}), lr={optimizer.defaults['lr']:g}; settings that differ "
+    line = (f"Optimizer: Ginger (preset={optimizer.preset!r}), lr={float(optimizer.defaults['lr']):g}; settings that differ "
             f"from the preset: {', '.join(f'{k}={v!r}' for k, v in differ.items()) or 'none'}; "
             f"{counts['ginger']} tensors take Ginger steps")
     line += f" ({joint} joint LoRA blocks)" if joint else ""
