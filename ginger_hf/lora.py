@@ -5,7 +5,8 @@ and those of their sub-modules, get Ginger. Each pattern (each list entry, or ea
 comma-separated part of the string) is a regex that must match the module's full name or a
 dotted suffix of it, so ``"q,v"`` and ``"q|v"`` (what a command line can pass) and
 ``["q", "v"]`` all select modules named ``....q`` and ``....v``, as peft's ``target_modules``
-does; ``"all-linear"`` means every ``nn.Linear``. (A comma inside ``{m,n}`` stays part of its regex.) (transformers' GaLore matching treats list entries as substrings, so ``"v"``
+does; ``"all-linear"`` means every ``nn.Linear``. (A comma inside ``{m,n}`` stays part of its regex.)
+(transformers' GaLore matching treats list entries as substrings, so ``"v"``
 would also hit ``...modules_to_save...``; suffix matching avoids that.) The other trainable
 parameters get an AdamW update inside the same ``Ginger`` optimizer (``algorithm="adamw"`` groups).
 Frozen parameters are never given to the optimizer, so they carry no state.

@@ -45,10 +45,11 @@ def describe(optimizer: Ginger) -> str:
         differ["curvature_scale"] = optimizer.curvature_scale
     if optimizer.backend is not None:
         differ["backend"] = optimizer.backend
-    counts = {a: sum(len(g["params"]) for g in optimizer.param_groups if g["algorithm"] == a) for a in ("ginger", "adamw")}
-    joint = sum(1 for g in optimizer.param_groups if g["joint"])
-    line = (f"Optimizer: Ginger (preset={optimizer.preset!r}), lr={float(optimizer.defaults['lr']):g}; settings that differ "
-            f"from the preset: {', '.join(f'{k}={v!r}' for k, v in differ.items()) or 'none'}; "
+    groups = optimizer.param_groups
+    counts = {a: sum(len(g["params"]) for g in groups if g["algorithm"] == a) for a in ("ginger", "adamw")}
+    joint = sum(1 for g in groups if g["joint"])
+    line = (f"Optimizer: Ginger (preset={optimizer.preset!r}), lr={float(optimizer.defaults['lr']):g}; "
+            f"settings that differ from the preset: {', '.join(f'{k}={v!r}' for k, v in differ.items()) or 'none'}; "
             f"{counts['ginger']} tensors take Ginger steps")
     line += f" ({joint} joint LoRA blocks)" if joint else ""
     return line + (f", {counts['adamw']} take AdamW steps" if counts["adamw"] else "")
@@ -105,8 +106,8 @@ class TrainerGinger(Ginger):
                 "Ginger: the checkpoint's optimizer settings differ from the requested ones; the checkpoint's are "
                 "used (as torch optimizers load them): "
                 + ", ".join(f"{k}={new!r} (requested {old!r})" for k, (old, new) in changes.items())
-                + f". (curvature_scale is not part of a checkpoint: the requested {self.curvature_scale!r} is used.) To "
-                "train with the requested settings, start from the model weights without the optimizer state."
+                + f". (curvature_scale is not part of a checkpoint: the requested {self.curvature_scale!r} is "
+                "used.) To train with the requested settings, start from the model weights without the optimizer state."
             )
 
 
