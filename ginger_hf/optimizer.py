@@ -8,7 +8,6 @@ against the reference ``functional.py``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,104 +19,15 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused
+from . import legacy
 from . import sharding
 from .comm import all_reduce_curvature, check_not_sharded, world_size
+from .hyperparameters import (ALGORITHMS, CURVATURE_MODES, CURVATURE_SCALES, DEFAULT_LR, PRESET, PRESETS,
+                              apply_group_preset, check_preset, split_named_params, validate_hyperparameters)
 from .pending import clear_curvature, get_curvature
 
-__all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "unwrap_ginger", "state_bytes"]
-
-CURVATURE_MODES = ("mc", "empirical")
-CURVATURE_SCALES = ("mean", "sqrt")
-ALGORITHMS = ("ginger", "adamw")
-
-# What Ginger(params, lr) computes unless told otherwise, and the paper's configuration
-# (GINGER.md section 5), one argument away. Why each value: docs/research.md.
-PRESETS: dict[str, dict[str, Any]] = {
-    "recommended": dict(betas=(0.9, 0.99), tau=4, blocks="row", power=0.5, damping=1e-12, relative_damping=0.1,
-                        rho=None, bias_correction=True, curvature="mc", curvature_interval=4, curvature_scale="mean"),
-    "paper": dict(betas=(0.9, 0.99), tau=4, blocks="tensor", power=1.0, damping=1e-5, relative_damping=0.0,
-                  rho=1.0, bias_correction=False, curvature="mc", curvature_interval=1, curvature_scale="sqrt"),
-}
-DEFAULT_LR = 1e-3
-
-
-class _Preset:
-    """Marks an argument left to the preset."""
-
-    def __repr__(self) -> str:
-        return "<preset>"
-
-
-PRESET = _Preset()
-
-
-def _is_real_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the argument and its allowed values."""
-    tau = group["tau"]
-    if isinstance(tau, bool) or not isinstance(tau, int):
-        raise TypeError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
-    if tau < 1:
-        raise ValueError(f"Ginger: tau must be an integer >= 1, got {tau!r}")
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        raise TypeError("Ginger: lr must be a float >= 0, got a Tensor")
-    if not _is_real_number(lr) or lr < 0:
-        raise ValueError(f"Ginger: lr must be a finite float >= 0, got {lr!r}")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Ginger: betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    for name, beta in zip(("beta1", "beta2"), betas):
-        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Ginger: betas: {name} must be in [0, 1), got {beta!r}")
-    damping = group["damping"]
-    if not _is_real_number(damping) or damping <= 0:
-        raise ValueError(f"Ginger: damping must be a finite float > 0, got {damping!r}")
-    rel = group["relative_damping"]
-    if not _is_real_number(rel) or rel < 0:
-        raise ValueError(f"Ginger: relative_damping must be a finite float >= 0, got {rel!r}")
-    power = group["power"]
-    if not _is_real_number(power) or not 0 < power <= 1:
-        raise ValueError(f"Ginger: power must be in (0, 1] (1: G^-1 as in the paper, 0.5: G^-1/2), got {power!r}")
-    if group["blocks"] not in F.BLOCKS:
-        raise ValueError(f"Ginger: blocks must be one of {F.BLOCKS}, got {group['blocks']!r}")
-    if not isinstance(group["bias_correction"], bool):
-        raise TypeError(f"Ginger: bias_correction must be True or False, got {group['bias_correction']!r}")
-    rho = group["rho"]
-    if rho is not None and (not _is_real_number(rho) or rho <= 0):
-        raise ValueError(f"Ginger: rho must be a float > 0, or None to disable clipping, got {rho!r}")
-    weight_decay = group["weight_decay"]
-    if not _is_real_number(weight_decay) or weight_decay < 0:
-        raise ValueError(f"Ginger: weight_decay must be a finite float >= 0, got {weight_decay!r}")
-    if group["curvature"] not in CURVATURE_MODES:
-        raise ValueError(f"Ginger: curvature must be one of {CURVATURE_MODES}, got {group['curvature']!r}")
-    interval = group["curvature_interval"]
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"Ginger: curvature_interval must be an integer >= 1, got {interval!r}")
-    state_dtype = group["state_dtype"]
-    if state_dtype is not None and not (isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point):
-        raise TypeError(f"Ginger: state_dtype must be None or a floating torch.dtype, got {state_dtype!r}")
-    if group["algorithm"] not in ALGORITHMS:
-        raise ValueError(f"Ginger: algorithm must be one of {ALGORITHMS}, got {group['algorithm']!r}")
-    eps = group["eps"]
-    if not _is_real_number(eps) or eps <= 0:
-        raise ValueError(f"Ginger: eps (of algorithm='adamw' groups) must be a finite float > 0, got {eps!r}")
-    if not isinstance(group["joint"], bool):
-        raise TypeError(f"Ginger: joint must be True or False, got {group['joint']!r}")
-    if group["joint"]:
-        if group["algorithm"] != "ginger":
-            raise ValueError("Ginger: joint=True (one block for the whole group) needs algorithm='ginger'")
-        kinds = {(p.dtype, p.device) for p in group["params"] if isinstance(p, Tensor)}
-        if len(kinds) > 1:
-            raise ValueError(f"Ginger: a joint=True group needs one dtype and device for all its params, got {kinds}")
-    for p in group["params"]:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"Ginger: params must be tensors, got {type(p).__name__}")
-        if p.is_complex() or not p.is_floating_point():
-            raise TypeError(f"Ginger: parameters must be real floating point tensors, got dtype {p.dtype}")
+__all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "ALGORITHMS", "unwrap_ginger", "state_bytes",
+           "validate_hyperparameters"]
 
 
 def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
@@ -223,8 +133,7 @@ class Ginger(Optimizer):
         eps: float = 1e-8,
         joint: bool = False,
     ):
-        if preset not in PRESETS:
-            raise ValueError(f"Ginger: preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        check_preset(preset)
         if backend not in fused.BACKENDS:
             raise ValueError(f"Ginger: backend must be one of {fused.BACKENDS}, got {backend!r}")
         given = dict(betas=betas, tau=tau, blocks=blocks, power=power, damping=damping,
@@ -240,6 +149,7 @@ class Ginger(Optimizer):
         defaults.update(lr=lr, weight_decay=weight_decay, state_dtype=state_dtype, algorithm=algorithm, eps=eps,
                         joint=joint)
         validate_hyperparameters({**defaults, "params": []})
+        self.preset = preset
         self.backend = backend
         self.curvature_scale = scale
         self.curvature_group = None
@@ -248,15 +158,44 @@ class Ginger(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as torch does (names kept in ``param_names``), checked before anything changes.
+
+        A ``preset`` key fills the group's omitted keys from that preset (``PRESETS``) and is
+        not kept: the group then holds the values themselves.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Ginger: param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        param_group = {**param_group, "params": params}
+        if isinstance(params, set):
+            raise TypeError("Ginger: params must be an ordered collection (a list), not a set: the order of a "
+                            "set changes between runs")
+        params, names = split_named_params([params] if isinstance(params, Tensor) else list(params))
+        param_group = apply_group_preset({**param_group, "params": params}, self.curvature_scale)
+        if names is not None:
+            param_group["param_names"] = names
         if isinstance(param_group.get("betas"), list):
             param_group["betas"] = tuple(param_group["betas"])
         group = {**self.defaults, **param_group}
         validate_hyperparameters(group)  # before anything is added
         self._check_placement(params, group)
         super().add_param_group(param_group)
+
+    # -- copies and checkpoints ---------------------------------------------------------
+
+    # Attributes a copy keeps (torch's Optimizer.__getstate__ keeps only defaults, state and
+    # param_groups). ``curvature_group`` is not one: a process group does not pickle, and a
+    # copy sums no curvature over ranks until ``ginger_hf.sync_curvature`` is called on it.
+    _COPIED = {"preset": "recommended", "backend": None, "curvature_scale": "mean", "step_stats": None}
+    _NOT_COPIED = {"curvature_group": None, "_warned_unsynced": False}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in self._COPIED}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Also what ``load_state_dict`` calls (with state and param_groups only): only missing attributes are set."""
+        super().__setstate__(state)
+        for key, default in {**self._COPIED, **self._NOT_COPIED}.items():
+            self.__dict__.setdefault(key, default)
 
     @staticmethod
     def _check_placement(params, group: dict[str, Any]) -> None:
@@ -459,7 +398,7 @@ class Ginger(Optimizer):
                 call["curvatures"].append(c)
                 call["states"].append(state)
                 call["hypers"].append(F.Hyper(
-                    lr=group["lr"], beta2=beta2, damping=group["damping"], relative_damping=group["relative_damping"],
+                    lr=float(group["lr"]), beta2=beta2, damping=group["damping"], relative_damping=group["relative_damping"],
                     power=group["power"], rho=group["rho"], weight_decay=group["weight_decay"],
                     bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]))
                 if group["joint"]:
@@ -509,17 +448,19 @@ class Ginger(Optimizer):
             return
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], lr=group["lr"],
+        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], lr=float(group["lr"]),
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
-    # -- checkpointing ------------------------------------------------------------------
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like ``Optimizer.load_state_dict`` but keeps the saved state dtypes.
+        """``Optimizer.load_state_dict`` that keeps the saved state dtypes and reads older checkpoints.
 
         The base class casts floating state to the parameter dtype, which would turn
         float32 state of a bf16 model into bf16 and the float64 eigenvalues into float32.
+        A checkpoint of an older version (``ginger_hf.legacy``) loads with its missing keys at
+        their meaning then, and one warning.
         """
+        old_format = any(k not in g for g in state_dict["param_groups"] for k in legacy.BEFORE_BLOCKS)
+        state_dict = {**state_dict, "param_groups": legacy.fill_missing_group_keys(state_dict["param_groups"])}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -530,6 +471,9 @@ class Ginger(Optimizer):
             for key, value in saved.items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        if old_format:
+            self.curvature_scale = legacy.CURVATURE_SCALE_BEFORE_BLOCKS
+            legacy.upgrade_flat_states(self.param_groups, self.state)
 
     def state_bytes(self) -> int:
         """Bytes held in state tensors, summed over all blocks."""

@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 import warnings
 
@@ -117,13 +118,16 @@ def _unsupported(reason: str) -> RuntimeError:
         version = "(not importable)"
     return RuntimeError(
         f"ginger_hf cannot register --optim ginger with transformers {version}: {reason}. It is tested with "
-        "transformers 5.20-5.24. Meanwhile, pass the optimizer yourself: "
+        "transformers 5.20-5.25. Meanwhile, pass the optimizer yourself: "
         "Trainer(..., optimizers=(ginger_hf.Ginger(model.parameters(), lr=...), None))."
     )
 
 
 def register() -> None:
     """Register ``--optim ginger`` now (imports transformers' Trainer). Idempotent; raises with the reason."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("--optim ginger needs transformers, accelerate and peft: pip install 'ginger-hf[hf]' "
+                          "(ginger_hf.Ginger itself needs torch only)")
     for name in _PIECES:
         _apply(name, importlib.import_module(name), strict=True)
 

@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import ginger_hf
 
-    ginger_hf.register()
+    try:
+        ginger_hf.register()
+    except ImportError as e:  # torch-only install: say which extra, not a traceback
+        print(f"ginger_hf.run: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     _run(argv)
     _destroy_process_group()
 

@@ -10,10 +10,12 @@ would make the Trainer wrap the model in ``torch.nn.DataParallel``: refused up f
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
+from transformers.utils import logging as hf_logging
 
 from .curvature_hook import attach_curvature_hook, check_loss_kind, reattach_after_fsdp
 from .distributed import DATA_PARALLEL, trainer_curvature_group
@@ -21,7 +23,36 @@ from .lora import param_roles, split_param_groups
 from .optim_args import parse_optim_args
 from .optimizer import PRESETS, Ginger, unwrap_ginger
 
-__all__ = ["TrainerGinger", "GingerAmpCallback", "ginger_handler"]
+__all__ = ["TrainerGinger", "GingerAmpCallback", "ginger_handler", "describe"]
+
+hf_logging.get_logger()  # transformers' library logger, configured; ours is under it (shown like the Trainer's lines)
+logger = logging.getLogger("transformers.trainer.ginger")
+_NOT_SETTINGS = ("params", "param_names", "lr", "initial_lr")  # the lr is the scheduler's
+
+
+def _settings(group: dict[str, Any], keys) -> dict[str, Any]:
+    return {k: group[k] for k in keys if k in group and k not in _NOT_SETTINGS}
+
+
+def describe(optimizer: Ginger) -> str:
+    """One line: Ginger, its preset, the effective settings that differ from it, and what gets which update."""
+    preset = PRESETS[optimizer.preset]
+    differ: dict[str, Any] = {}
+    for group in optimizer.param_groups:
+        if group["algorithm"] == "ginger":
+            differ.update({k: v for k, v in _settings(group, preset).items() if v != preset[k]})
+    if optimizer.curvature_scale != preset["curvature_scale"]:
+        differ["curvature_scale"] = optimizer.curvature_scale
+    if optimizer.backend is not None:
+        differ["backend"] = optimizer.backend
+    groups = optimizer.param_groups
+    counts = {a: sum(len(g["params"]) for g in groups if g["algorithm"] == a) for a in ("ginger", "adamw")}
+    joint = sum(1 for g in groups if g["joint"])
+    line = (f"Optimizer: Ginger (preset={optimizer.preset!r}), lr={float(optimizer.defaults['lr']):g}; "
+            f"settings that differ from the preset: {', '.join(f'{k}={v!r}' for k, v in differ.items()) or 'none'}; "
+            f"{counts['ginger']} tensors take Ginger steps")
+    line += f" ({joint} joint LoRA blocks)" if joint else ""
+    return line + (f", {counts['adamw']} take AdamW steps" if counts["adamw"] else "")
 
 
 class TrainerGinger(Ginger):
@@ -33,6 +64,9 @@ class TrainerGinger(Ginger):
     records the curvature norm after the data-parallel sum, so every rank logs the same value).
     ``counts_all_ranks`` is the Trainer's ``average_tokens_across_devices``.
     """
+
+    _COPIED = {**Ginger._COPIED, "log_stats": False}
+    _NOT_COPIED = {**Ginger._NOT_COPIED, "grad_scaler": None}
 
     def __init__(
         self,
@@ -53,6 +87,28 @@ class TrainerGinger(Ginger):
             self.step_stats = {}  # ginger_hf.stats
         if any(g["curvature"] == "mc" and g["algorithm"] == "ginger" for g in self.param_groups):
             attach_curvature_hook(hf_model, self, accumulation_steps, counts_all_ranks)
+        logger.info(describe(self))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does (the checkpoint's settings win), with a warning naming the settings that change.
+
+        A resumed run with other ``--optim_args`` keeps the checkpoint's settings; the warning
+        says which, so a changed setting is never silently ignored.
+        """
+        requested = [_settings(g, self.defaults) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        changes = {}
+        for before, group in zip(requested, self.param_groups):
+            after = _settings(group, self.defaults)
+            changes.update({k: (before[k], after[k]) for k in before if k in after and before[k] != after[k]})
+        if changes:
+            logger.warning(
+                "Ginger: the checkpoint's optimizer settings differ from the requested ones; the checkpoint's are "
+                "used (as torch optimizers load them): "
+                + ", ".join(f"{k}={new!r} (requested {old!r})" for k, (old, new) in changes.items())
+                + f". (curvature_scale is not part of a checkpoint: the requested {self.curvature_scale!r} is "
+                "used.) To train with the requested settings, start from the model weights without the optimizer state."
+            )
 
 
 class GingerAmpCallback(TrainerCallback):

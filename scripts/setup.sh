@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One-step set-up: .venv with torch and ginger-hf installed (editable).
-#   bash scripts/setup.sh          # the package and what the main job needs
-#   bash scripts/setup.sh --test   # ... plus the test tools
+# One-step set-up: .venv with torch and ginger-hf installed (editable), at the versions in
+# constraints.txt (those the README's numbers were measured with; CI uses them too).
+#   bash scripts/setup.sh          # the package and what the main job needs (extra "recipes")
+#   bash scripts/setup.sh --test   # ... plus the test tools (extra "test")
+# Newest releases instead, in a throwaway venv: bash scripts/check_latest.sh
 # A torch already in .venv is kept (GPU users: install your CUDA build there first).
 # Otherwise, with no NVIDIA GPU visible, the CPU build torch==$CPU_TORCH is installed first
 # so that resolving the package's `torch` requirement downloads no CUDA build.
@@ -24,7 +26,7 @@ fi
 
 extras="recipes"
 [ "${1:-}" = "--test" ] && extras="recipes,test"
-"${PIP[@]}" install -e ".[${extras}]"
+"${PIP[@]}" install -c constraints.txt -e ".[${extras}]"
 .venv/bin/python - <<'PY'
 import torch, ginger_hf
 from ginger_hf import kernel
