@@ -82,14 +82,46 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def parse_lrs(items: list[str]) -> dict[str, float]:
+def parse_names(text: str, known: dict) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise ValueError(f"--optimizers: unknown {bad or names}; choose from {sorted(known)}")
+    return names
+
+
+def parse_lrs(items: list[str], known: dict = proxy.OPTIMIZERS) -> dict[str, float]:
     lrs = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in proxy.OPTIMIZERS:
-            raise ValueError(f"--lr takes NAME=VALUE with NAME in {sorted(proxy.OPTIMIZERS)}, got {item!r}")
+        if not sep or name not in known:
+            raise ValueError(f"--lr takes NAME=VALUE with NAME in {sorted(known)}, got {item!r}")
         lrs[name] = float(value)
     return lrs
+
+
+def compare_all(args, names: list[str], lrs: dict[str, float], run_one, columns, describe) -> list[dict]:
+    """Run each optimizer in turn (``run_one(name, lr)`` returns its report row), then write report.json,
+    report.md (the table, and ``describe(rows, budget, total)`` under it), curves.png, and print the table."""
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    if any(n.startswith("ginger") for n in names):
+        kernel.available()  # build Ginger's CPU kernel (first use only) before any clock starts
+    rows, start = [], time.perf_counter()
+    for name in names:
+        print(f"\n=== {args.task}: {name} (lr {lrs[name]:g}) ===", flush=True)
+        rows.append(run_one(name, lrs[name]))
+    total = time.perf_counter() - start
+    budget = min(r["train_seconds"] for r in rows)
+    for r in rows:
+        r["eval_loss_at_equal_time"] = loss_at(r["eval_curve"], budget)
+
+    (args.output_dir / "report.json").write_text(json.dumps(rows, indent=2))
+    table = markdown_table(rows, columns)
+    (args.output_dir / "report.md").write_text(f"{table}\n\n{describe(rows, budget, total)}\n")
+    plot_curves(rows, args.output_dir / "curves.png")
+    print("\n" + table)
+    print(f"\nwrote {args.output_dir}/report.json, report.md, curves.png ({total:.0f} s in all)")
+    return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,47 +151,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.task == "vision":
         return main_vision(args)
     args.batch_size = args.batch_size or proxy.DEFAULT_BATCH_SIZE
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    bad = [n for n in names if n not in proxy.OPTIMIZERS]
-    if not names or bad:
-        raise ValueError(f"--optimizers: unknown {bad or names}; choose from {sorted(proxy.OPTIMIZERS)}")
+    names = parse_names(args.optimizers, proxy.OPTIMIZERS)
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     lrs = {**proxy.TASK_LR[args.task], **parse_lrs(args.lr)}
-    args.output_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer = proxy.load_tokenizer()
     raw = proxy.load_debsum()
     train_rows = min(len(raw["train"]), args.max_steps * args.batch_size)
     data = proxy.tokenize_splits(raw, tokenizer, {"train": train_rows, "validation": args.eval_size})
 
-    if any(n.startswith("ginger") for n in names):
-        kernel.available()  # build Ginger's CPU kernel (first use only) before any clock starts
+    def run_one(name: str, lr: float) -> dict:
+        return proxy.run(name, lr, task=args.task, max_steps=args.max_steps, output_dir=args.output_dir / name,
+                         data=data, tokenizer=tokenizer, batch_size=args.batch_size, eval_steps=args.eval_steps,
+                         rouge_size=args.rouge_size, seed=args.seed, model_overrides=TINY_MODEL if args.tiny else None,
+                         pretrained=args.pretrained)
 
-    rows, start = [], time.perf_counter()
-    for name in names:
-        print(f"\n=== {args.task}: {name} (lr {lrs[name]:g}, {args.max_steps} steps) ===", flush=True)
-        rows.append(proxy.run(name, lrs[name], task=args.task, max_steps=args.max_steps,
-                              output_dir=args.output_dir / name, data=data, tokenizer=tokenizer,
-                              batch_size=args.batch_size, eval_steps=args.eval_steps, rouge_size=args.rouge_size,
-                              seed=args.seed, model_overrides=TINY_MODEL if args.tiny else None,
-                              pretrained=args.pretrained))
-    total = time.perf_counter() - start
-    budget = min(r["train_seconds"] for r in rows)
-    for r in rows:
-        r["eval_loss_at_equal_time"] = loss_at(r["eval_curve"], budget)
+    def describe(rows: list[dict], budget: float, total: float) -> str:
+        return (f"Task {args.task}: {args.max_steps} steps, batch {args.batch_size}, "
+                f"{rows[0]['num_parameters'] / 1e6:.1f}M-parameter T5 ({rows[0]['trainable_parameters'] / 1e6:.2f}M "
+                f"trained), eval loss on {args.eval_size} validation rows (at equal time: after {budget:.0f} s of "
+                f"training), ROUGE on {args.rouge_size}; total {total:.0f} s.")
 
-    (args.output_dir / "report.json").write_text(json.dumps(rows, indent=2))
-    table = markdown_table(rows)
-    (args.output_dir / "report.md").write_text(
-        f"{table}\n\nTask {args.task}: {args.max_steps} steps, batch {args.batch_size}, "
-        f"{rows[0]['num_parameters'] / 1e6:.1f}M-parameter T5 ({rows[0]['trainable_parameters'] / 1e6:.2f}M trained), "
-        f"eval loss on {args.eval_size} validation rows (at equal time: after {budget:.0f} s of training), ROUGE on "
-        f"{args.rouge_size}; total {total:.0f} s.\n")
-    plot_curves(rows, args.output_dir / "curves.png")
-    print("\n" + table)
-    print(f"\nwrote {args.output_dir}/report.json, report.md, curves.png ({total:.0f} s in all)")
-    return rows
+    return compare_all(args, names, lrs, run_one, COLUMNS, describe)
 
 
 VISION_COLUMNS = [("optimizer", "optimizer", "{}"), ("lr", "lr", "{:g}"), ("eval accuracy", "eval_accuracy", "{:.4f}"),
@@ -170,45 +184,24 @@ TINY_RESNET = dict(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8)
 
 def main_vision(args) -> list[dict]:
     """``--task vision``: the digits ResNet (``offline_tasks.vision``), same report files and plot."""
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    bad = [n for n in names if n not in vision.OPTIMIZERS]
-    if not names or bad:
-        raise ValueError(f"--optimizers: unknown {bad or names} for --task vision; choose from {sorted(vision.OPTIMIZERS)}")
+    names = parse_names(args.optimizers, vision.OPTIMIZERS)
     if args.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    lrs = dict(vision.TASK_LR)
-    for item in args.lr:
-        name, sep, value = item.partition("=")
-        if not sep or name not in vision.OPTIMIZERS:
-            raise ValueError(f"--lr takes NAME=VALUE with NAME in {sorted(vision.OPTIMIZERS)}, got {item!r}")
-        lrs[name] = float(value)
+    lrs = {**vision.TASK_LR, **parse_lrs(args.lr, vision.OPTIMIZERS)}
     batch_size = args.batch_size or vision.DEFAULT_BATCH_SIZE
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     data = vision.load_digits()
-    if any(n.startswith("ginger") for n in names):
-        kernel.available()  # build Ginger's CPU kernel (first use only) before any clock starts
 
-    rows, start = [], time.perf_counter()
-    for name in names:
-        print(f"\n=== vision: {name} (lr {lrs[name]:g}, {args.epochs} epochs) ===", flush=True)
-        rows.append(vision.run(name, lrs[name], data=data, output_dir=args.output_dir / name, epochs=args.epochs,
-                               batch_size=batch_size, seed=args.seed,
-                               model_overrides=TINY_RESNET if args.tiny else None))
-    total = time.perf_counter() - start
-    budget = min(r["train_seconds"] for r in rows)
-    for r in rows:
-        r["eval_loss_at_equal_time"] = loss_at(r["eval_curve"], budget)
+    def run_one(name: str, lr: float) -> dict:
+        return vision.run(name, lr, data=data, output_dir=args.output_dir / name, epochs=args.epochs,
+                          batch_size=batch_size, seed=args.seed, model_overrides=TINY_RESNET if args.tiny else None)
 
-    (args.output_dir / "report.json").write_text(json.dumps(rows, indent=2))
-    table = markdown_table(rows, VISION_COLUMNS)
-    (args.output_dir / "report.md").write_text(
-        f"{table}\n\nTask vision: digits, {rows[0]['epochs']} epochs ({rows[0]['max_steps']} steps) of batch "
-        f"{batch_size}, a {rows[0]['num_parameters'] / 1e3:.0f}k-parameter ResNet, seed {args.seed}; eval on "
-        f"{vision.DIGITS_EVAL_SIZE} held-out images (at equal time: after {budget:.0f} s of training); total {total:.0f} s.\n")
-    plot_curves(rows, args.output_dir / "curves.png")
-    print("\n" + table)
-    print(f"\nwrote {args.output_dir}/report.json, report.md, curves.png ({total:.0f} s in all)")
-    return rows
+    def describe(rows: list[dict], budget: float, total: float) -> str:
+        return (f"Task vision: digits, {args.epochs} epochs ({rows[0]['max_steps']} steps) of batch {batch_size}, a "
+                f"{rows[0]['num_parameters'] / 1e3:.0f}k-parameter ResNet, seed {args.seed}; eval on "
+                f"{vision.DIGITS_EVAL_SIZE} held-out images (at equal time: after {budget:.0f} s of training); "
+                f"total {total:.0f} s.")
+
+    return compare_all(args, names, lrs, run_one, VISION_COLUMNS, describe)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ accelerate), the paper's augmentation, and scripts/compare.py --task vision on t
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_module, load_script
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer
@@ -41,11 +40,7 @@ PARAMETERS = {"resnet18": 11_220_132, "resnet50": 23_705_252}
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("run_image_classification", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_module(RECIPE)
 
 
 def parsed(recipe, name, *extra):
