@@ -118,14 +118,32 @@ def test_trainer_steps_batchnorm_and_head_with_ginger_and_counts_each_micro_batc
     assert norms and all(int(m.num_batches_tracked) == steps * accumulation for m in norms)
 
 
+@pytest.mark.parametrize("make_trainer", [Trainer, vision.image_trainer])
 @pytest.mark.parametrize("optim_args,scale", [("curvature_interval=1", "mean"),
                                               ("curvature_interval=1,curvature_scale=sqrt", "sqrt")])
-def test_trainer_curvature_matches_independent_computation_image_classifier(tmp_path, monkeypatch, optim_args, scale):
+def test_trainer_curvature_matches_independent_computation_image_classifier(tmp_path, monkeypatch, optim_args, scale,
+                                                                            make_trainer):
     """The Trainer hook's sampled-label vectors through ResNetForImageClassification's logits (one label per
-    image, BatchNorm on the batch's statistics as in the training forward) equal a direct computation."""
-    _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_resnet, image_data(), Trainer, False,
+    image, BatchNorm on the batch's statistics as in the training forward) equal a direct computation, with
+    N from the Trainer's num_items_in_batch (stock Trainer) or counted by the hook (the recipe's Trainer)."""
+    _, used = run_and_check_curvature(tmp_path, monkeypatch, tiny_resnet, image_data(), make_trainer, False,
                                       optim_args=optim_args)
     assert used == scale
+
+
+def test_recipe_trainer_averages_micro_batches_under_gradient_accumulation(tmp_path):
+    """transformers 5.25 adds up ResNet's micro-batch mean losses under gradient accumulation (the model takes
+    **kwargs but its loss ignores num_items_in_batch); the recipe's Trainer averages them, as one batch would."""
+    def first_loss(make_trainer, batch, accumulation):
+        args = parse(tmp_path, "--optim", "sgd", "--learning_rate", "0", "--max_steps", "1", "--logging_steps", "1",
+                     "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation))
+        trainer = make_trainer(model=tiny_resnet(), args=args, train_dataset=image_data(8))
+        trainer.train()
+        return trainer.state.log_history[0]["loss"]
+
+    whole = first_loss(vision.image_trainer, 8, 1)
+    assert first_loss(vision.image_trainer, 4, 2) == pytest.approx(whole, rel=0.05)  # BatchNorm: not exact
+    assert first_loss(Trainer, 4, 2) == pytest.approx(2 * whole, rel=0.05)  # the stock Trainer's double count
 
 
 def test_image_classifier_with_one_label_is_refused_for_mc(tmp_path):

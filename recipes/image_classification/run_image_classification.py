@@ -29,14 +29,13 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import (AutoConfig, AutoModelForImageClassification, HfArgumentParser, Trainer, TrainingArguments,
-                          set_seed)
+from transformers import AutoConfig, AutoModelForImageClassification, HfArgumentParser, TrainingArguments, set_seed
 
 import ginger_hf  # noqa: F401  (registers --optim ginger)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/: the shared offline_tasks helpers
 from offline_tasks.config_file import parse_args_with_config_file  # noqa: E402
 from offline_tasks.vision import (CIFAR_PADDING, IMAGENET_MEAN, IMAGENET_STD, RESNET_SIZES,  # noqa: E402
-                                  CifarResNetForImageClassification, accuracy, image_transform, resnet_config)
+                                  CifarResNetForImageClassification, image_trainer, image_transform, resnet_config)
 
 
 @dataclass
@@ -138,8 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
             train=split == "train", padding=data_args.padding, flip=data_args.flip, size=data_args.image_size))
     eval_data = next((ds for split, ds in data.items() if split != "train"), None)
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=data.get("train"), eval_dataset=eval_data,
-                      compute_metrics=accuracy)
+    trainer = image_trainer(model=model, args=training_args, train_dataset=data.get("train"), eval_dataset=eval_data)
     results = {}
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -117,6 +117,20 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
 
 
+def image_trainer(**kwargs) -> Trainer:
+    """A ``Trainer`` reporting top-1 accuracy, with the loss of gradient accumulation scaled right.
+
+    ``ResNetForImageClassification.forward`` takes ``**kwargs``, so the Trainer (transformers 5.25) passes
+    it ``num_items_in_batch`` and leaves the loss undivided by the accumulation steps, but the model's loss
+    is a mean over the micro-batch that ignores the count: gradients would be ``accumulation_steps`` times
+    too large. Declaring that the model takes no loss kwargs restores the division (and the curvature
+    hook then counts labels itself: every image has one).
+    """
+    trainer = Trainer(compute_metrics=accuracy, **kwargs)
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
 # -- the offline task: scikit-learn's digits -------------------------------------------------------------
 
 DIGITS_EVAL_SIZE = 500  # held out (a fixed shuffle), the other 1,297 images train
@@ -206,8 +220,7 @@ def run(optimizer: str, lr: float, *, data, output_dir: str | Path, epochs: int 
     )
     model = build_digits_model(seed, **(model_overrides or {}))
     clock = AccuracyClock()
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid, compute_metrics=accuracy,
-                      callbacks=[clock])
+    trainer = image_trainer(model=model, args=args, train_dataset=train, eval_dataset=valid, callbacks=[clock])
     start = time.perf_counter()
     trainer.train()
     train_seconds = clock.train_seconds()
