@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offl
 from offline_tasks import vision  # noqa: E402
 
 GRID = {
-    "ginger": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "ginger": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "ginger_paper": [1e-4, 3e-4, 1e-3, 3e-3],
     "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
     "sgd": [0.01, 0.03, 0.1, 0.3],

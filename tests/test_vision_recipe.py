@@ -131,7 +131,7 @@ def write_image_folder(root: Path, per_class: int, seed: int) -> None:
         for i in range(per_class):
             pixels = rng.integers(0, 80, (12, 12, 3))
             pixels[:, :, label] += 150
-            Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(root / name / f"{i}.png")
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def load_digits(eval_size: int = DIGITS_EVAL_SIZE):
 
     digits = sklearn_digits()
     order = np.random.default_rng(0).permutation(len(digits.target))
-    images = [PILImage.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8), mode="L") for i in order]
+    images = [PILImage.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8)) for i in order]
     labels = [int(digits.target[i]) for i in order]
     features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
     split = len(labels) - eval_size
