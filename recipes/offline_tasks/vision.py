@@ -148,7 +148,7 @@ OPTIMIZERS = {
     "adamw": dict(optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.99),
     "sgd": dict(optim="sgd", optim_args="momentum=0.9"),
 }
-TASK_LR = {"ginger": 3e-3, "ginger_paper": 1e-3, "adamw": 3e-3, "sgd": 0.1}
+TASK_LR = {"ginger": 3e-4, "ginger_paper": 3e-4, "adamw": 1e-3, "sgd": 0.03}
 
 
 def load_digits(eval_size: int = DIGITS_EVAL_SIZE):
