@@ -209,14 +209,14 @@ def test_recipe_under_accelerate_launch(image_folder, tmp_path):
 def test_compare_vision_writes_report_table_and_plot(tmp_path):
     compare = load_script("compare")
     out = tmp_path / "cmp"
-    rows = compare.main(["--task", "vision", "--optimizers", "ginger,sgd", "--epochs", "1", "--tiny",
+    rows = compare.main(["--task", "vision", "--optimizers", "ginger,sgd", "--epochs", "2", "--tiny",
                          "--output-dir", str(out)])
     assert [r["optimizer"] for r in rows] == ["ginger", "sgd"]
     assert [r["lr"] for r in rows] == [vision.TASK_LR["ginger"], vision.TASK_LR["sgd"]]
     for r in json.loads((out / "report.json").read_text()):
-        assert r["max_steps"] == 21 and r["eval_curve"][0]["step"] == 0 and r["eval_curve"][-1]["step"] == 21
+        assert r["max_steps"] == 42 and r["eval_curve"][0]["step"] == 0 and r["eval_curve"][-1]["step"] == 42
         assert 0.0 <= r["eval_accuracy"] <= 1.0 and r["eval_curve"][-1]["eval_accuracy"] == r["eval_accuracy"]
-        assert r["eval_curve"][-1]["eval_loss"] < r["eval_curve"][0]["eval_loss"]  # one epoch already helps
+        assert r["eval_curve"][-1]["eval_loss"] < r["eval_curve"][0]["eval_loss"]  # two epochs (one of warmup) already help
     # same seed, same init: the same accuracy before training
     assert rows[0]["eval_curve"][0]["eval_accuracy"] == rows[1]["eval_curve"][0]["eval_accuracy"]
     assert "| optimizer | lr | eval accuracy | eval loss | at equal time |" in (out / "report.md").read_text()
