@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import load_module, load_script
+from helpers import free_port, load_module, load_script
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification, Trainer
@@ -193,11 +193,19 @@ def test_recipe_fine_tunes_a_pretrained_resnet_with_a_new_head(recipe, image_fol
 
 
 @pytest.mark.slow
-def test_recipe_under_accelerate_launch(image_folder, tmp_path):
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    out = tmp_path / "accelerate"
-    cmd = [accelerate, "launch", "--cpu", "--num_processes", "1", str(RECIPE),
-           *recipe_args(image_folder, out, "--config_name", str(image_folder / "tiny_config"))]
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_recipe_under_a_launcher(image_folder, tmp_path, launcher):
+    """`accelerate launch` (one CPU process: FINDINGS) and torchrun with two gloo processes (DDP: each rank's
+    curvature summed over both, BatchNorm on each rank's half batch)."""
+    out = tmp_path / launcher
+    if launcher == "accelerate":
+        cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--cpu", "--num_processes", "1"]
+        extra = []
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port())]
+        extra = ["--ddp_backend", "gloo", "--per_device_train_batch_size", "3"]
+    cmd += [str(RECIPE), *recipe_args(image_folder, out, "--config_name", str(image_folder / "tiny_config")), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
