@@ -40,6 +40,10 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def best_lrs(rows: list[dict]) -> dict[str, float]:
     """Each optimizer's lr with the lowest mean final eval loss over the seeds it ran (as the T5 sweeps pick;
     accuracy near 98% on 500 images moves in steps of 0.2% and ties)."""
@@ -63,7 +67,6 @@ def sweep_table(rows: list[dict]) -> str:
     for (name, lr), runs in sorted(groups.items(), key=lambda kv: (list(GRID).index(kv[0][0]) if kv[0][0] in GRID else 99, kv[0][1])):
         acc = [r["eval_accuracy"] for r in runs]
         loss = [r["eval_loss"] for r in runs]
-        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
         mark = " **best**" if best[name] == lr else ""
         lines.append(f"| {name} | {lr:g}{mark} | {len(runs)} | {statistics.mean(acc):.4f} ± {sd(acc):.4f} | "
                      f"{statistics.mean(loss):.4f} ± {sd(loss):.4f} | {statistics.mean(r['sec_per_step'] for r in runs):.3f} |")
@@ -88,7 +91,6 @@ def paired_table(rows: list[dict]) -> str:
                 continue
             dacc = [at_best[a, s]["eval_accuracy"] - at_best[b, s]["eval_accuracy"] for s in seeds]
             dloss = [at_best[a, s]["eval_loss"] - at_best[b, s]["eval_loss"] for s in seeds]
-            sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
             per_seed = ", ".join(f"{d:+.3f}" for d in dacc)
             lines.append(f"| {a} - {b} | {len(seeds)} | {statistics.mean(dacc):+.4f} ± {sd(dacc):.4f} ({per_seed}) | "
                          f"{statistics.mean(dloss):+.4f} ± {sd(dloss):.4f} |")

@@ -238,3 +238,17 @@ def test_digits_are_the_bundled_images_split_once():
     assert image.size == (8, 8) and image.mode == "L"
     assert sorted(set(data["validation"]["label"])) == list(range(10))
     assert vision.load_digits()["train"]["label"][:20] == data["train"]["label"][:20]  # a fixed shuffle
+
+
+def test_sweep_picks_each_best_lr_by_loss_and_pairs_seeds():
+    """scripts/sweep_vision.py's tables: best lr by mean eval loss (grid edges flagged), paired per-seed differences."""
+    sweep = load_script("sweep_vision")
+    rows = [dict(optimizer=name, lr=lr, seed=seed, eval_loss=loss + 0.01 * seed, eval_accuracy=acc + 0.001 * seed,
+                 sec_per_step=0.1)
+            for name, grid in {"ginger": [(1e-3, 0.3, 0.90), (3e-3, 0.1, 0.95), (1e-2, 0.2, 0.97)],
+                               "adamw": [(1e-3, 0.4, 0.80), (3e-3, 0.2, 0.85)]}.items()
+            for lr, loss, acc in grid for seed in (0, 1, 2)]
+    assert sweep.best_lrs(rows) == {"ginger": 3e-3, "adamw": 3e-3}  # ginger: lowest loss, not highest accuracy
+    table = sweep.sweep_table(rows)
+    assert "ginger: best lr 0.003 inside" in table and "adamw: best lr 0.003 AT THE EDGE OF" in table
+    assert "| ginger - adamw | 3 | +0.1000 ± 0.0000 (+0.100, +0.100, +0.100) | -0.1000 ± 0.0000 |" in sweep.paired_table(rows)
