@@ -76,8 +76,10 @@ def check_loss_kind(model: nn.Module) -> None:
     problem = getattr(config, "problem_type", None)
     if problem in ("regression", "multi_label_classification"):
         raise _not_softmax_ce(f"the model's config.problem_type is {problem!r}")
-    if type(_base_model(model)).__name__.endswith("ForSequenceClassification") and getattr(config, "num_labels", 2) == 1:
-        raise _not_softmax_ce("a sequence classifier with num_labels=1 is trained as a regression (MSE)")
+    # transformers trains sequence and image classifiers alike (ForSequenceClassificationLoss): one label = MSE
+    if type(_base_model(model)).__name__.endswith(("ForSequenceClassification", "ForImageClassification")) and \
+            getattr(config, "num_labels", 2) == 1:
+        raise _not_softmax_ce("a sequence or image classifier with num_labels=1 is trained as a regression (MSE)")
 
 
 class SampledLabelCurvatureHook:

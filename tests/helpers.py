@@ -124,7 +124,12 @@ def tiny_llama(seed: int = 0):
 
 def load_script(name: str):
     """``scripts/NAME.py`` imported as a module (the scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    return load_module(Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+
+
+def load_module(path: Path):
+    """The Python file at ``path`` imported as a module named after it (scripts and recipes are not packages)."""
+    name = path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -206,7 +206,8 @@ def run_and_check_curvature(tmp_path, monkeypatch, make_model, data, trainer_cls
     reference = copy.deepcopy(model)
     batches, sampled = [], []
     model.register_forward_pre_hook(
-        lambda m, a, kw: batches.append({k: kw[k].clone() for k in ("input_ids", "attention_mask", "labels")})
+        lambda m, a, kw: batches.append({k: v.clone() for k, v in kw.items()  # the model's inputs and labels
+                                         if isinstance(v, torch.Tensor) and k != "num_items_in_batch"})
         if m.training else None,
         with_kwargs=True,
     )

@@ -18,7 +18,6 @@ and ``generated_predictions.txt`` to ``--output_dir``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -32,6 +31,7 @@ from transformers import (AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, Data
 
 import ginger_hf  # noqa: F401  (registers --optim ginger)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # recipes/: the shared offline_tasks helpers
+from offline_tasks.config_file import parse_args_with_config_file  # noqa: E402
 from offline_tasks.summarization import PREFIX, decode_predictions, preprocess, rouge_metric  # noqa: E402
 
 
@@ -72,24 +72,7 @@ class DataArguments:
 
 def parse_args(argv: list[str]):
     """HfArgumentParser over the three dataclasses; a leading .yaml/.json file supplies defaults."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments))
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
-        path = Path(argv.pop(0))
-        if path.suffix == ".json":
-            values = json.loads(path.read_text())
-        else:
-            import yaml
-
-            values = yaml.safe_load(path.read_text())
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the flags of this script (see --help)")
-        parser.set_defaults(**values)
-        for action in parser._actions:
-            if action.dest in values:
-                action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parse_args_with_config_file(HfArgumentParser((ModelArguments, DataArguments, Seq2SeqTrainingArguments)), argv)
 
 
 def load_raw(data_args: DataArguments) -> datasets.DatasetDict:
