@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +20,9 @@ from torch.optim import Optimizer
 from . import functional as F
 from . import fused
 from . import sharding
+from . import state_schema as schema
+from .state_schema import Hyper
+from .step_batch import StepBatch
 from .comm import all_reduce_curvature, check_not_sharded, world_size
 from .pending import clear_curvature, get_curvature
 
@@ -276,11 +278,11 @@ class Ginger(Optimizer):
         return group["params"][0] if group["joint"] else param
 
     def _refreshes(self, param: Tensor, group: dict[str, Any]) -> bool:
-        """Whether the tensor's next step (its step count + 1) refreshes the curvature model."""
+        """Whether the tensor's next step refreshes the curvature model: every ``curvature_interval``-th
+        ``step()`` call, counted on the host (``state_schema.clock``), skipped steps included."""
         if group["algorithm"] != "ginger":
             return False
-        state = self.state.get(self._key(param, group))
-        return (state["step"] if state else 0) % group["curvature_interval"] == 0
+        return schema.clock(self.state.get(self._key(param, group))) % group["curvature_interval"] == 0
 
     def needs_curvature(self) -> bool:
         """True if the next ``step()`` will consume ``param.curvature`` for some ``mc`` tensor.
@@ -411,20 +413,24 @@ class Ginger(Optimizer):
             blocks = "tensor" if group["joint"] else group["blocks"]
             placed = sharding.sharding_of(key, blocks)
             if placed is None:
-                state.update(F.init_state(target, group["tau"], blocks, dtype))
+                state.update(schema.init_state(target, group["tau"], blocks, dtype))
             else:
-                state.update(sharding.init_sharded_state(key, placed, group["tau"], blocks, dtype))
+                state.update(schema.init_sharded_state(sharding.local(key), placed, group["tau"], blocks, dtype))
         return state
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every tensor with a gradient. On the device path nothing here waits for the device
+        (``device_step``); ``step_stats`` (opt-in) reads it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        if self._only_initializing():
+        gate = self._only_initializing()
+        if gate is True:
             return loss
+        gate = gate if isinstance(gate, Tensor) else None
         plan = self._collect()
         self._sync_curvature(plan)
         if self.step_stats is not None:
@@ -433,9 +439,9 @@ class Ginger(Optimizer):
             if squares:
                 self.step_stats["curvature_sq"] = float(sum(x.to("cpu") for x in squares))
 
-        # Ginger tensors of all groups that share beta1 go through one fused call (one batched
-        # solve per rank, one kernel call per pass); every other hyper-parameter goes per tensor.
-        calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        # Ginger tensors of all groups that share beta1 take one fused step (one batched solve per rank, one
+        # kernel call per pass); every other hyper-parameter goes per tensor.
+        batches: dict[float, StepBatch] = {}
         joints, sharded = [], []
         for group, entries in plan:
             beta1, beta2 = group["betas"]
@@ -445,53 +451,49 @@ class Ginger(Optimizer):
                 if group["algorithm"] == "adamw":
                     self._adamw_step(key, g, state, group)
                     continue
-                call = calls[beta1]
+                schema.tick(state)
+                batch = batches.setdefault(beta1, StepBatch(beta1))
                 placed = sharding.sharding_of(key, group["blocks"])
                 if placed is not None:  # FSDP2: this rank's slices; the sharded state keeps its counters
-                    view = sharding.local_state(state)
+                    target, g, c, view = sharding.localise(key, state, g, c)
                     sharded.append((state, view))
-                    target, g, c, state = sharding.local(key), sharding.local(g), sharding.local(c), view
-                    call["group"] = placed.group
-                call["spans"].append(placed is not None and placed.spans)
-                call["block_lengths"].append(placed.block_numel if placed is not None else None)
-                call["params"].append(target)
-                call["grads"].append(g)
-                call["curvatures"].append(c)
-                call["states"].append(state)
-                call["hypers"].append(F.Hyper(
+                    state, batch.group = view, placed.group
+                batch.add(target, g, c, state, Hyper(
                     lr=group["lr"], beta2=beta2, damping=group["damping"], relative_damping=group["relative_damping"],
                     power=group["power"], rho=group["rho"], weight_decay=group["weight_decay"],
-                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]))
+                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]),
+                    spans=placed is not None and placed.spans, block_length=placed and placed.block_numel)
                 if group["joint"]:
                     joints.append((target, params))
-        for beta1, call in calls.items():
-            sync, lengths = None, None
-            if "group" in call:
-                sync = sharding.make_sync(call["spans"], call["group"])
-                lengths = [k if k is not None else p.numel() // max(st["s"].shape[0], 1)
-                           for k, p, st in zip(call["block_lengths"], call["params"], call["states"])]
-            fused.ginger(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
-                         beta1=beta1, backend=self.backend, stats=self.step_stats, sync=sync, block_lengths=lengths)
+        for batch in batches.values():
+            fused.ginger(batch.params, batch.grads, batch.curvatures, batch.states, batch.hypers, beta1=batch.beta1,
+                         backend=self.backend, stats=self.step_stats, spans=batch.spans, group=batch.group,
+                         block_lengths=batch.lengths(), gate=gate)
         for state, view in sharded:
-            sharding.store_counters(state, view)
+            schema.store_counters(state, view)
         for flat, params in joints:
             for p, piece in zip(params, flat.split([p.numel() for p in params])):
                 p.copy_(piece.view_as(p))
         self.zero_curvature()
         return loss
 
-    def _only_initializing(self) -> bool:
+    def _only_initializing(self) -> bool | Tensor | None:
         """A first step with all-zero gradients and no curvature vector only creates the state.
 
         That is what ``torch.distributed.checkpoint`` does before loading a checkpoint into a
         fresh optimizer (``set_optimizer_state_dict`` steps once with zero gradients and lr 0).
+        Returns True if so (CPU gradients, read here), False or None if not, and for gradients on
+        another device a 0-d bool tensor, the ``gate`` of the device step (True: step), not read here.
         """
         if self.state:
-            return False
+            return None
         entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not entries or any(get_curvature(p) is not None for _, p in entries):
-            return False
-        if any(bool(sharding.local(p.grad).any()) for _, p in entries):
+            return None
+        grads = [sharding.local(p.grad) for _, p in entries]
+        if any(g.device.type != "cpu" for g in grads):
+            return torch.stack([g.any() for g in grads]).any()
+        if any(bool(g.any()) for g in grads):
             return False
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -504,13 +506,16 @@ class Ginger(Optimizer):
 
     @staticmethod
     def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if grad.device.type != "cpu":  # the device path: the decision is a mask, the counters device tensors
+            F.adamw_masked(param, grad, state, **args)
+            return
         if not bool(torch.isfinite(grad).all()):
             state["skipped"] += 1
             return
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], **args)
 
     # -- checkpointing ------------------------------------------------------------------
 
