@@ -23,6 +23,7 @@ With ``stats`` (opt-in), the step's sums come to the host at the end: that reads
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -46,13 +47,27 @@ _REFRESH_COEFS = ("along", "v_c", "shift", "v_u")  # zero on a keep step
 
 
 def _chunks(t: TensorView):
-    """Row ranges and column ranges that keep a chunk near ``_CHUNK`` elements."""
+    """``(start, length)`` of row ranges and column ranges that keep a chunk near ``_CHUNK`` elements."""
     size = _CHUNK.get(t.U.device.type, _CHUNK_DEFAULT)
     rows = max(1, size // max(t.k, 1))
     cols = min(t.k, size) or 1
     for b0 in range(0, t.B, rows):
         for k0 in range(0, max(t.k, 1), cols):
-            yield slice(b0, min(t.B, b0 + rows)), slice(k0, min(t.k, k0 + cols))
+            yield (b0, min(t.B, b0 + rows) - b0), (k0, min(t.k, k0 + cols) - k0)
+
+
+def _piece(x: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """A chunk of a ``(B, k)`` (or ``(n, B, k)``) view: ``narrow``, not indexing, which fake devices refuse."""
+    return x.narrow(-2, *rows).narrow(-1, *cols)
+
+
+def _col(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1)
+
+
+def _copy(dests, values) -> None:
+    """``dest.copy_(value)`` for each pair, as one foreach op (``Tensor.copy_`` also fails on fake devices)."""
+    torch._foreach_copy_(list(dests), list(values))
 
 
 def _pass1_rows(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -> tuple[Tensor, ...]:
@@ -78,18 +93,20 @@ def _pass2_rows(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1
     mv = torch.lerp(m, g.to(dt), w1)
     u = mv - torch.einsum("ibk,bi->bk", U, a.to(dt))
     if c is not None:
-        c = torch.where(fresh[:, None], c.to(dt), 0)  # a refused (non-finite) vector is never read
-        v = torch.einsum("ibk,bi->bk", U, v_u.to(dt)) + v_c.to(dt)[:, None] * c
-        u = u + along.to(dt)[:, None] * v
-    u = u * scale.to(dt)[:, None]
-    r = rho.to(dt)[:, None]
-    clipped = ((u.abs() > r) & ok[:, None]).sum()
+        c = torch.where(_col(fresh), c.to(dt), 0)  # a refused (non-finite) vector is never read
+        v = torch.einsum("ibk,bi->bk", U, v_u.to(dt)) + _col(v_c.to(dt)) * c
+        u = u + _col(along.to(dt)) * v
+    u = u * _col(scale.to(dt))
+    r = _col(rho.to(dt))
+    keep = _col(ok)
+    clipped = ((u.abs() > r) & keep).sum()
     u = torch.minimum(torch.maximum(u, -r), r)
-    keep = ok[:, None]
-    p.copy_(torch.where(keep, p * decay.to(p.dtype)[:, None] - lr.to(p.dtype)[:, None] * u.to(p.dtype), p))
-    m.copy_(torch.where(keep, mv, m))
+    writes = [(p, torch.where(keep, p * _col(decay.to(p.dtype)) - _col(lr.to(p.dtype)) * u.to(p.dtype), p)),
+              (m, torch.where(keep, mv, m))]
     if c is not None:
-        U.copy_(torch.where(fresh[None, :, None], U - shift.T.to(dt)[:, :, None] * v[None], U))
+        moved = U - _col(shift.T.to(dt)) * v.unsqueeze(0)
+        writes.append((U, torch.where(_col(fresh).unsqueeze(0), moved, U)))
+    _copy(*zip(*writes))
     return clipped
 
 
@@ -119,12 +136,12 @@ def _pass1(t: TensorView, w1: float, layout: StatsLayout, out: Tensor, compiled:
         sums = _run_compiled(_pass1_rows, t.U, t.m, t.g, t.c, w1)
         if sums is not NotImplemented:
             for name, value in zip(_SUMS, sums):
-                layout.view(out, name).copy_(value)
+                _copy([layout.view(out, name)], [value])
             return
     for rows, cols in _chunks(t):
-        c = None if t.c is None else t.c[rows, cols]
-        o = out[rows]
-        for name, value in zip(_SUMS, _pass1_rows(t.U[:, rows, cols], t.m[rows, cols], t.g[rows, cols], c, w1)):
+        U, m, g, c = (None if x is None else _piece(x, rows, cols) for x in (t.U, t.m, t.g, t.c))
+        o = out.narrow(0, *rows)
+        for name, value in zip(_SUMS, _pass1_rows(U, m, g, c, w1)):
             layout.view(o, name).add_(value)
 
 
@@ -135,15 +152,24 @@ def _pass2(t: TensorView, w1: float, coefs: Tensor, ok: Tensor, fresh: Tensor | 
             return clipped
     clipped = torch.zeros((), dtype=torch.int64, device=t.U.device)
     for rows, cols in _chunks(t):
-        c = None if t.c is None else t.c[rows, cols]
-        clipped += _pass2_rows(t.U[:, rows, cols], t.m[rows, cols], t.g[rows, cols], t.p[rows, cols], c, w1,
-                               ok[rows], None if fresh is None else fresh[rows], coefs[rows])
+        U, m, g, p, c = (None if x is None else _piece(x, rows, cols) for x in (t.U, t.m, t.g, t.p, t.c))
+        clipped += _pass2_rows(U, m, g, p, c, w1, ok.narrow(0, *rows), None if fresh is None else fresh.narrow(0, *rows),
+                               coefs.narrow(0, *rows))
     return clipped
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small host-built table on ``device``: a non-blocking copy, which does not wait for the device."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """A small host-built table (a list, or a list of rows) on ``device`` without a copy from the host (a blocking
+    one waits for the device): zeros plus one foreach add whose scalars travel as kernel arguments. On CPU the
+    host tensor is the table."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    rows = bool(values) and isinstance(values[0], (list, tuple))
+    flat = [x for row in values for x in row] if rows else list(values)
+    kind, cast = (torch.float64, float) if dtype.is_floating_point else (torch.int64, int)
+    out = torch.zeros((len(values), len(values[0])) if rows else (len(values),), dtype=kind, device=device)
+    torch._foreach_add_(list(out.view(-1).unbind()), [cast(x) for x in flat])
+    return out.to(dtype)
 
 
 def _table(views: list[TensorView], hypers: list[Hyper], lengths: list[int], device) -> dict[str, Tensor]:
@@ -218,10 +244,10 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     for (n, _), idx in groups.items():
         S, lay = buffers[(n, _)], layouts[n]
         squares = torch.stack([lay.view(S, "mm"), lay.view(S, "cc")], 1)
-        flags.index_add_(0, owners[(n, _)], (~torch.isfinite(squares)).double())
+        flags.index_add_(0, owners[(n, _)], torch.logical_not(torch.isfinite(squares)).double())
     if group is not None:
         sharding.exchange(sums, flags, spans, group)
-    ok, c_ok = flags[:, 0] == 0, flags[:, 1] == 0
+    ok, c_ok = flags.select(1, 0) == 0, flags.select(1, 1) == 0
     live = torch.ones_like(ok) if gate is None else gate.expand_as(ok)
     has_c = _to_device([t.c is not None for t in views], torch.bool, device)
     applied = ok & live
@@ -231,40 +257,38 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     table = _table(views, hypers, lengths, device)
     table.update(_debias(table, states, beta1))
     _count(states, "step", applied)
-    _count(states, "skipped", ~ok & live)
+    _count(states, "skipped", torch.logical_not(ok) & live)
     _count(states, "curvature_steps", refreshed)
-    _count(states, "curvature_skipped", applied & has_c & ~c_ok)
+    _count(states, "curvature_skipped", applied & has_c & torch.logical_not(c_ok))
     clipped = torch.zeros((), dtype=torch.int64, device=device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for (n, fresh), idx in groups.items():
         S, owner, lay, clay = buffers[(n, fresh)], owners[(n, fresh)], layouts[n], CoefLayout(n)
         sizes = [views[i].B for i in idx]
         small = {name: torch.cat([states[i][name] for i in idx]) for name in ("s", "R", "e")}
-        column = {name: table[name][owner] for name in table}
+        column = {name: table[name].index_select(0, owner) for name in table}
         bl = Blocks(**small, k=column["k"], beta2=column["beta2"], damping=column["damping"],
                     relative_damping=column["relative_damping"], power=column["power"], debias=column["debias_keep"],
                     debias_e=column["debias_e"], momentum_debias=column["momentum_debias"],
                     tolerance=column["tolerance"])
-        ok_b = applied[owner]
+        ok_b = applied.index_select(0, owner)
         out = solve_keep(bl, lay, S)
         new = {"e": torch.where(ok_b, out["e"], bl.e)}
         sel = None
         if fresh:
-            sel = refreshed[owner]
+            sel = refreshed.index_select(0, owner)
             ref = solve_refresh(replace(bl, debias=column["debias_refresh"]), lay, S)
             for name in ("scale", "shrink", "update_sq", "span_sq"):
                 out[name] = torch.where(sel.view(-1, *[1] * (ref[name].dim() - 1)), ref[name], out[name])
             for name in _REFRESH_COEFS:
                 out[name] = torch.where(sel.view(-1, *[1] * (ref[name].dim() - 1)), ref[name], 0.0)
-            new["s"] = torch.where(sel[:, None], ref["s"], bl.s)
-            new["R"] = torch.where(sel[:, None, None], ref["R"], bl.R)
+            new["s"] = torch.where(_col(sel), ref["s"], bl.s)
+            new["R"] = torch.where(_col(_col(sel)), ref["R"], bl.R)
         C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64, device=device)
-        for name in ("scale", "shrink") + (_REFRESH_COEFS if fresh else ()):
-            clay.view(C, name).copy_(out[name])
-        for name in ("lr", "decay", "rho"):
-            clay.view(C, name).copy_(column[name])
-        for name, value in new.items():
-            torch._foreach_copy_([states[i][name] for i in idx], list(value.split(sizes)))
+        names = ("scale", "shrink") + (_REFRESH_COEFS if fresh else ())
+        _copy([clay.view(C, name) for name in names + ("lr", "decay", "rho")],
+              [out[name] for name in names] + [column[name] for name in ("lr", "decay", "rho")])
+        _copy([states[i][name] for name in new for i in idx], [x for value in new.values() for x in value.split(sizes)])
         if stats is not None:
             totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], lay.view(S, "gg")]), 0).sum(1)
         for i, coefs, ok_t, fresh_t in zip(idx, C.split(sizes), ok_b.split(sizes),

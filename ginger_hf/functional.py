@@ -177,7 +177,7 @@ def adamw_masked(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: floa
     device_counters(state, param.device, ("step", "skipped"))
     ok = torch.isfinite(grad).all()
     state["step"] += ok
-    state["skipped"] += ~ok
+    state["skipped"] += torch.logical_not(ok)
     t = state["step"].double()
     m, v = state["exp_avg"], state["exp_avg_sq"]
     g = torch.where(ok, grad.to(m.dtype), 0)
@@ -186,5 +186,5 @@ def adamw_masked(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: floa
     denom = (v_new.sqrt() / (1 - torch.pow(beta2, t)).sqrt()).add_(eps)
     update = (m_new / denom) * (lr / (1 - torch.pow(beta1, t)))
     new_param = param * (1 - lr * weight_decay) - update.to(param.dtype)
-    for old, new in ((m, m_new), (v, v_new), (param, new_param)):
-        old.copy_(torch.where(ok, new, old))
+    torch._foreach_copy_([m, v, param], [torch.where(ok, new, old) for old, new in
+                                         ((m, m_new), (v, v_new), (param, new_param))])

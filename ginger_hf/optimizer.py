@@ -449,7 +449,7 @@ class Ginger(Optimizer):
                 target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
                 state = self._state_for(key, group, target)
                 if group["algorithm"] == "adamw":
-                    self._adamw_step(key, g, state, group)
+                    self._adamw_step(key, g, state, group, on_device=self.backend in ("torch", "compile"))
                     continue
                 schema.tick(state)
                 batch = batches.setdefault(beta1, StepBatch(beta1))
@@ -472,8 +472,8 @@ class Ginger(Optimizer):
         for state, view in sharded:
             schema.store_counters(state, view)
         for flat, params in joints:
-            for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                p.copy_(piece.view_as(p))
+            torch._foreach_copy_(list(params), [piece.view_as(p) for p, piece in zip(params, flat.split(
+                [p.numel() for p in params]))])
         self.zero_curvature()
         return loss
 
@@ -505,10 +505,10 @@ class Ginger(Optimizer):
         return True
 
     @staticmethod
-    def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], on_device: bool) -> None:
         beta1, beta2 = group["betas"]
         args = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        if grad.device.type != "cpu":  # the device path: the decision is a mask, the counters device tensors
+        if on_device or grad.device.type != "cpu":  # the device path: the decision is a mask, the counters device tensors
             F.adamw_masked(param, grad, state, **args)
             return
         if not bool(torch.isfinite(grad).all()):

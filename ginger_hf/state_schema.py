@@ -68,11 +68,11 @@ def block_shape(shape: torch.Size | tuple[int, ...], blocks: str) -> tuple[int, 
 def _unit_rows(n: int, rows: int, k: int, start: int, dtype: torch.dtype, device) -> Tensor:
     """``(n, rows, k)``: row ``j`` of every block is the unit vector ``e_{j - start}`` (zero where that is outside).
 
-    Built by comparison, not ``U[j, :, j] = 1``: an index_put with a Python scalar fails on fake devices.
+    Built by comparison, not ``U[j, :, j] = 1``: fake devices refuse Python indexing (and ``contiguous``).
     """
-    j = torch.arange(n, device=device)[:, None, None]
-    x = torch.arange(k, device=device)[None, None, :] + start
-    return (x == j).to(dtype).expand(n, rows, k).contiguous()
+    j = torch.arange(n, device=device).view(n, 1, 1)
+    x = torch.arange(k, device=device).view(1, 1, k) + start
+    return (x == j).to(dtype).expand(n, rows, k).clone(memory_format=torch.contiguous_format)
 
 
 def _small_state(rows: int, n: int, device) -> dict[str, Tensor]:

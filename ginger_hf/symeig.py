@@ -13,8 +13,6 @@ because convergence is quadratic once the off-diagonal part is small (``SWEEPS``
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -23,38 +21,40 @@ __all__ = ["eigh"]
 SWEEPS = 8
 
 
-@functools.lru_cache(maxsize=None)
-def _rounds(size: int) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Round-robin pairings of ``0..size-1``: every pair once, each round a set of disjoint pairs."""
-    players = list(range(size + size % 2))  # an odd size gets a bye (the padded index)
+def _rounds(size: int, device) -> list[tuple[Tensor, Tensor]]:
+    """The circle method's pairings of ``0..size-1``: ``size - 1`` (even) or ``size`` (odd) rounds of disjoint
+    pairs ``(P[i], Q[i])``, every pair once. Index arithmetic on the device: no host-built tensor to copy."""
+    players = size + size % 2  # an odd size gets a bye: the padded player
+    fixed = players - 1
+    i = torch.arange(1, players // 2, device=device)
     rounds = []
-    for _ in range(len(players) - 1):
-        half = len(players) // 2
-        pairs = [(min(a, b), max(a, b)) for a, b in zip(players[:half], reversed(players[half:])) if max(a, b) < size]
-        rounds.append(tuple(pairs))
-        players = [players[0], players[-1], *players[1:-1]]
-    return tuple(rounds)
+    for r in range(players - 1):
+        P, Q = (r + i) % fixed, (r - i) % fixed
+        if fixed < size:  # the fixed player is real: it meets player r
+            P = torch.cat([P, torch.full((1,), r, device=device)])
+            Q = torch.cat([Q, torch.full((1,), fixed, device=device)])
+        rounds.append((P, Q))
+    return rounds
 
 
-def _patterns(size: int, pairs, dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Index vectors of a round's pairs and the one-hot patterns of their rotation: diagonal and skew parts."""
-    P = torch.tensor([p for p, _ in pairs], device=device)
-    Q = torch.tensor([q for _, q in pairs], device=device)
-    eye = torch.eye(size, dtype=dtype, device=device)
-    diag = eye[P][:, :, None] * eye[P][:, None, :] + eye[Q][:, :, None] * eye[Q][:, None, :]
-    skew = eye[P][:, :, None] * eye[Q][:, None, :] - eye[Q][:, :, None] * eye[P][:, None, :]
-    return P, Q, diag, skew
+def _patterns(size: int, P: Tensor, Q: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat indices of ``A[p, q]``, and the one-hot patterns of a round's rotation: diagonal and skew parts."""
+    eye = torch.eye(size, dtype=dtype, device=P.device)
+    Ep, Eq = eye.index_select(0, P), eye.index_select(0, Q)
+    outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
+    return P * size + Q, outer(Ep, Ep) + outer(Eq, Eq), outer(Ep, Eq) - outer(Eq, Ep)
 
 
-def eigh(A: Tensor, sweeps: int = SWEEPS) -> tuple[Tensor, Tensor]:
+def eigh(A: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """``(lam, V)`` of symmetric ``A`` ``(..., N, N)``: ascending eigenvalues and orthonormal eigenvectors (columns)."""
     size = A.shape[-1]
     eye = torch.eye(size, dtype=A.dtype, device=A.device)
     V = eye.expand_as(A).clone()
-    rounds = [_patterns(size, pairs, A.dtype, A.device) for pairs in _rounds(size)]
-    for _ in range(sweeps if size > 1 else 0):
-        for P, Q, diag, skew in rounds:
-            app, aqq, apq = A[..., P, P], A[..., Q, Q], A[..., P, Q]
+    rounds = [(P, Q, *_patterns(size, P, Q, A.dtype)) for P, Q in _rounds(size, A.device)] if size > 1 else []
+    for _ in range(SWEEPS if sweeps is None else sweeps):
+        for P, Q, pq, diag, skew in rounds:
+            d = torch.diagonal(A, dim1=-2, dim2=-1)
+            app, aqq, apq = d.index_select(-1, P), d.index_select(-1, Q), A.flatten(-2).index_select(-1, pq)
             nonzero = apq != 0
             theta = (aqq - app) / (2 * torch.where(nonzero, apq, 1.0))
             t = torch.where(theta >= 0, 1.0, -1.0) / (theta.abs() + torch.sqrt(1 + theta * theta))
@@ -64,4 +64,4 @@ def eigh(A: Tensor, sweeps: int = SWEEPS) -> tuple[Tensor, Tensor]:
             A = J.mT @ A @ J
             V = V @ J
     lam, order = torch.diagonal(A, dim1=-2, dim2=-1).sort(-1)
-    return lam, torch.take_along_dim(V, order[..., None, :], -1)
+    return lam, torch.take_along_dim(V, order.unsqueeze(-2), -1)
