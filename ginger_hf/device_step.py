@@ -23,7 +23,6 @@ With ``stats`` (opt-in), the step's sums come to the host at the end: that reads
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import replace
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import sharding
+from .comm import exchange
 from .solve import Blocks, CoefLayout, StatsLayout, in_span_tolerance, solve_keep, solve_refresh
 from .state_schema import Hyper, device_counters
 from .step_batch import TensorView, view_of
@@ -246,7 +245,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
         squares = torch.stack([lay.view(S, "mm"), lay.view(S, "cc")], 1)
         flags.index_add_(0, owners[(n, _)], torch.logical_not(torch.isfinite(squares)).double())
     if group is not None:
-        sharding.exchange(sums, flags, spans, group)
+        exchange(sums, flags, spans, group)
     ok, c_ok = flags.select(1, 0) == 0, flags.select(1, 1) == 0
     live = torch.ones_like(ok) if gate is None else gate.expand_as(ok)
     has_c = _to_device([t.c is not None for t in views], torch.bool, device)

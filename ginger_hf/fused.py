@@ -34,7 +34,7 @@ from torch import Tensor
 from . import device_step
 from . import functional as F
 from . import kernel as _kernel
-from .sharding import exchange
+from .comm import exchange
 from .solve import Blocks, CoefLayout, StatsLayout, in_span_tolerance
 from .state_schema import Hyper, host_counters
 from .step_batch import view_of
@@ -83,7 +83,7 @@ def ginger(
 
     For sharded tensors (``ginger_hf.sharding``) ``params`` and the states are each rank's slices; the
     blocks of tensors with ``spans[i]`` lie across the ranks of ``group``, whose pass-1 sums (and every
-    tensor's finiteness flags) ``sharding.exchange`` completes; ``block_lengths`` gives each tensor's
+    tensor's finiteness flags) ``comm.exchange`` completes; ``block_lengths`` gives each tensor's
     whole block length (the scale of relative damping). ``gate``: see ``device_step.ginger``.
     """
     if backend not in BACKENDS:

@@ -6,7 +6,7 @@ needs is a sum over its elements (``U U^T``, ``U c``, ``U m'``, ``c.c``, ...), s
 * a block that lies inside one rank (a row of a 2+-D tensor with ``blocks="row"``) is
   stepped locally, exactly as without sharding;
 * a block that spans ranks (a whole tensor with ``blocks="tensor"``, and every 1-D tensor)
-  has its pass-1 sums formed on each rank's slice and completed by an all-reduce; the small
+  has its pass-1 sums formed on each rank's slice and completed by an all-reduce (``comm.exchange``); the small
   solve then runs identically on every rank, and pass 2 writes each rank's slice.
 
 All of a step's sums that need completing, and every tensor's finiteness flags (a tensor
@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from . import state_schema
 from .state_schema import block_shape
 
-__all__ = ["Sharding", "sharding_of", "exchange", "localise", "local"]
+__all__ = ["Sharding", "sharding_of", "localise", "local"]
 
 _REFUSED = (
     "Ginger shards its state like FSDP2 parameters placed Shard(0) on a 1-D device mesh "
@@ -87,20 +86,6 @@ def sharding_of(param: Tensor, blocks: str) -> Sharding | None:
     rows = blocks == "row" and param.dim() >= 2  # blocks are whole rows: each inside one rank
     return Sharding(mesh=mesh, group=mesh.get_group(), shape=param.shape, offset=offset[0] if offset else 0,
                     spans=not rows and mesh.size() > 1, rows=rows, block_numel=k)
-
-
-def exchange(sums: list[Tensor], flags: Tensor, spans: list[bool], group) -> None:
-    """The fast step's one collective after pass 1, in place: ONE all-reduce (on the sums' device, no host
-    round trip) of the spanning blocks' sums and every tensor's finiteness flags, so that every rank takes
-    the same decisions and solves the same small problems."""
-    parts = [flags.reshape(-1).to(torch.float64)] + [s.reshape(-1) for s, sp in zip(sums, spans) if sp]
-    flat = torch.cat([x.to(flags.device) for x in parts])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    pieces = flat.split([x.numel() for x in parts])
-    flags.copy_(pieces[0].view_as(flags))
-    spanning = [s for s, sp in zip(sums, spans) if sp]
-    if spanning:
-        torch._foreach_copy_(spanning, [x.view_as(s) for x, s in zip(pieces[1:], spanning)])
 
 
 def localise(key: Tensor, state: dict[str, Any], grad: Tensor, curvature: Tensor | None):
