@@ -1,15 +1,15 @@
 """The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.fused``.
 
-The shell resolves and validates hyper-parameters, creates state lazily, decides which
-tensors refresh their curvature model this step and sums ``mc`` curvature over
-data-parallel ranks. The math lives in ``fused.py`` (the fast two-pass step), checked
-against the reference ``functional.py``.
+The shell resolves and validates hyper-parameters, creates state lazily (``state_schema``), decides
+on the host which tensors refresh their curvature model this step, gathers the step's tensors and
+sums ``mc`` curvature over data-parallel ranks (``step_plan``), and hands each ``beta1`` batch
+(``step_batch.StepBatch``) to ``fused.ginger``, the front over the C++ kernel and the
+device-resident step, checked against the reference ``functional.py``.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,11 +19,11 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import fused
-from . import sharding
+from . import sharding, step_plan
 from . import state_schema as schema
 from .state_schema import Hyper
 from .step_batch import StepBatch
-from .comm import all_reduce_curvature, check_not_sharded, world_size
+from .comm import check_not_sharded
 from .pending import clear_curvature, get_curvature
 
 __all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "unwrap_ginger", "state_bytes"]
@@ -318,88 +318,6 @@ class Ginger(Optimizer):
 
     # -- the step -----------------------------------------------------------------------
 
-    def _curvature_of(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
-        """The curvature vector a refreshing tensor reads; raises if an ``mc`` tensor has none."""
-        if group["curvature"] == "empirical":
-            return p.grad
-        curv = get_curvature(p)
-        if curv is None:
-            raise RuntimeError(
-                "Ginger(curvature='mc') needs a curvature vector on this refresh step, but parameter "
-                f"of shape {tuple(p.shape)} has none. Before optimizer.step(), compute it with "
-                "ginger_hf.add_sampled_label_curvature(logits, labels, optimizer) (or set "
-                "`param.curvature` yourself), or construct Ginger with curvature='empirical'."
-            )
-        if sharding.is_dtensor(p) and not sharding.is_dtensor(curv):  # this rank's slice of an FSDP2 parameter
-            if curv.shape != sharding.local(p).shape:
-                raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != this rank's slice of the "
-                                 f"parameter {tuple(sharding.local(p).shape)}")
-        elif curv.shape != p.shape:
-            raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != parameter shape {tuple(p.shape)}")
-        return curv
-
-    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]]]]:
-        """Tensors that take a step as ``(state key, params, grad, curvature)``; raises before any change.
-
-        A joint group is one block whose gradient and curvature are the flattened
-        concatenations over its params (zeros for a param without gradient). Empty
-        parameters take no step: there is nothing to move.
-        """
-        plan = []
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.is_sparse:
-                    raise TypeError("Ginger does not support sparse gradients; use a dense embedding (sparse=False)")
-                if self._key(p, group) not in self.state:
-                    self._check_placement((p,), group)  # accelerate's FSDP swaps param_groups after construction
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"Ginger: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
-            entries = []
-            if group["joint"] and with_grad and any(p.numel() for p in group["params"]):
-                params = group["params"]
-                grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-                curv = None
-                if self._refreshes(params[0], group):
-                    if group["curvature"] == "empirical":
-                        curv = grad
-                    else:
-                        curv = torch.cat([self._curvature_of(p, group).reshape(-1) for p in params])
-                entries.append((params[0], params, grad, curv))
-            elif not group["joint"]:
-                for p in with_grad:
-                    if p.numel() == 0:  # nothing to step (Ginger's blocks need at least one element)
-                        continue
-                    curv = self._curvature_of(p, group) if self._refreshes(p, group) else None
-                    entries.append((p, [p], p.grad, curv))
-            plan.append((group, entries))
-        return plan
-
-    def _sync_curvature(self, plan) -> None:
-        """Sum the step's ``mc`` curvature vectors over ``curvature_group``: one all-reduce, none if there are none.
-
-        FSDP2 parameters are skipped: their vectors arrive summed already (``ginger_hf.sharded_curvature``).
-        """
-        slots = [(entries, i) for _, entries in plan for i, (key, _, g, c) in enumerate(entries)
-                 if c is not None and c is not g and not sharding.is_dtensor(key)]
-        if not slots:
-            return
-        if self.curvature_group is None:
-            dist = torch.distributed
-            if not self._warned_unsynced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                self._warned_unsynced = True
-                warnings.warn(
-                    "Ginger(curvature='mc') runs in a multi-process job but sums no curvature across ranks. If the "
-                    "model is DDP-wrapped, call ginger_hf.sync_curvature(optimizer, model) after wrapping; "
-                    "independent processes can ignore this.", stacklevel=3,
-                )
-            return
-        if world_size(self.curvature_group) == 1:
-            return
-        summed = all_reduce_curvature([entries[i][3] for entries, i in slots], self.curvature_group)
-        for (entries, i), c in zip(slots, summed):
-            entries[i] = (*entries[i][:3], c)
-
     def _state_for(self, key: Tensor, group: dict[str, Any], target: Tensor) -> dict[str, Any]:
         """The tensor's state, created on first use (and completed for checkpoints of older versions)."""
         state = self.state[key]
@@ -431,8 +349,8 @@ class Ginger(Optimizer):
         if gate is True:
             return loss
         gate = gate if isinstance(gate, Tensor) else None
-        plan = self._collect()
-        self._sync_curvature(plan)
+        plan = step_plan.collect(self)
+        step_plan.sync_curvature(self, plan)
         if self.step_stats is not None:
             squares = [torch.linalg.vector_norm(c, dtype=torch.float64).square() for _, entries in plan
                        for _, _, _, c in entries if c is not None]
