@@ -197,6 +197,38 @@ def _count(states: list[dict[str, Any]], key: str, mask: Tensor) -> None:
     torch._foreach_add_([st[key] for st in states], list(mask.long().unbind()))
 
 
+def _pick(mask: Tensor, a: Tensor, b) -> Tensor:
+    """``a`` in the blocks (rows) where ``mask``, else ``b``."""
+    return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def _solve_group(states, sizes, table, owner, ok_b, sel, lay: StatsLayout, S: Tensor) -> tuple[Tensor, dict]:
+    """The small problems of one ``(n, refresh)`` group of blocks: writes the new ``s``, ``R``, ``e`` where the
+    decisions allow, and returns pass 2's coefficient rows and the solve's outputs. ``sel``: the blocks that
+    refresh (``None`` in a keep group); the others of a refresh group take the keep step's values."""
+    clay = CoefLayout(lay.n)
+    small = {name: torch.cat([st[name] for st in states]) for name in ("s", "R", "e")}
+    column = {name: table[name].index_select(0, owner) for name in table}
+    bl = Blocks(**small, k=column["k"], beta2=column["beta2"], damping=column["damping"],
+                relative_damping=column["relative_damping"], power=column["power"], debias=column["debias_keep"],
+                debias_e=column["debias_e"], momentum_debias=column["momentum_debias"], tolerance=column["tolerance"])
+    out = solve_keep(bl, lay, S)
+    new = {"e": torch.where(ok_b, out["e"], bl.e)}
+    if sel is not None:
+        ref = solve_refresh(replace(bl, debias=column["debias_refresh"]), lay, S)
+        for name in ("scale", "shrink", "update_sq", "span_sq"):
+            out[name] = _pick(sel, ref[name], out[name])
+        for name in _REFRESH_COEFS:
+            out[name] = _pick(sel, ref[name], 0.0)
+        new["s"], new["R"] = _pick(sel, ref["s"], bl.s), _pick(sel, ref["R"], bl.R)
+    C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64, device=S.device)
+    names = ("scale", "shrink") + (_REFRESH_COEFS if sel is not None else ())
+    _copy([clay.view(C, name) for name in names + ("lr", "decay", "rho")],
+          [out[name] for name in names] + [column[name] for name in ("lr", "decay", "rho")])
+    _copy([st[name] for name in new for st in states], [x for value in new.values() for x in value.split(sizes)])
+    return C, out
+
+
 def ginger(params: list[Tensor], grads: list[Tensor], curvatures: list[Tensor | None], states: list[dict[str, Any]],
            hypers: list[Hyper], *, beta1: float, compiled: bool = False, stats: dict[str, float] | None = None,
            spans: list[bool] | None = None, group=None, block_lengths: list[int] | None = None,
@@ -262,34 +294,13 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     clipped = torch.zeros((), dtype=torch.int64, device=device)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for (n, fresh), idx in groups.items():
-        S, owner, lay, clay = buffers[(n, fresh)], owners[(n, fresh)], layouts[n], CoefLayout(n)
-        sizes = [views[i].B for i in idx]
-        small = {name: torch.cat([states[i][name] for i in idx]) for name in ("s", "R", "e")}
-        column = {name: table[name].index_select(0, owner) for name in table}
-        bl = Blocks(**small, k=column["k"], beta2=column["beta2"], damping=column["damping"],
-                    relative_damping=column["relative_damping"], power=column["power"], debias=column["debias_keep"],
-                    debias_e=column["debias_e"], momentum_debias=column["momentum_debias"],
-                    tolerance=column["tolerance"])
+        owner, sizes = owners[(n, fresh)], [views[i].B for i in idx]
         ok_b = applied.index_select(0, owner)
-        out = solve_keep(bl, lay, S)
-        new = {"e": torch.where(ok_b, out["e"], bl.e)}
-        sel = None
-        if fresh:
-            sel = refreshed.index_select(0, owner)
-            ref = solve_refresh(replace(bl, debias=column["debias_refresh"]), lay, S)
-            for name in ("scale", "shrink", "update_sq", "span_sq"):
-                out[name] = torch.where(sel.view(-1, *[1] * (ref[name].dim() - 1)), ref[name], out[name])
-            for name in _REFRESH_COEFS:
-                out[name] = torch.where(sel.view(-1, *[1] * (ref[name].dim() - 1)), ref[name], 0.0)
-            new["s"] = torch.where(_col(sel), ref["s"], bl.s)
-            new["R"] = torch.where(_col(_col(sel)), ref["R"], bl.R)
-        C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64, device=device)
-        names = ("scale", "shrink") + (_REFRESH_COEFS if fresh else ())
-        _copy([clay.view(C, name) for name in names + ("lr", "decay", "rho")],
-              [out[name] for name in names] + [column[name] for name in ("lr", "decay", "rho")])
-        _copy([states[i][name] for name in new for i in idx], [x for value in new.values() for x in value.split(sizes)])
+        sel = refreshed.index_select(0, owner) if fresh else None
+        C, out = _solve_group([states[i] for i in idx], sizes, table, owner, ok_b, sel, layouts[n], buffers[(n, fresh)])
         if stats is not None:
-            totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], lay.view(S, "gg")]), 0).sum(1)
+            gg = layouts[n].view(buffers[(n, fresh)], "gg")
+            totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], gg]), 0).sum(1)
         for i, coefs, ok_t, fresh_t in zip(idx, C.split(sizes), ok_b.split(sizes),
                                            sel.split(sizes) if fresh else [None] * len(idx)):
             clipped += _pass2(views[i], w1, coefs, ok_t, fresh_t, compiled)
