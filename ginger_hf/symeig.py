@@ -8,7 +8,8 @@ from constant one-hot patterns, so the work is a fixed sequence of dense batched
 on every device, with no data-dependent branch (a pair already zero rotates by the identity).
 Jacobi is accurate to a few ulps of ``|A|`` per eigenvalue; a fixed number of sweeps suffices
 because convergence is quadratic once the off-diagonal part is small (``SWEEPS`` is chosen by
-``tests/test_solve.py::test_jacobi_matches_eigh`` on random, tied and deflated problems).
+``tests/test_device_step.py::test_jacobi_eigh_matches_lapack`` on random, tied and deflated problems
+up to size 11, tau 10: 8 sweeps reach float64 rounding there, 5-6 already do).
 """
 
 from __future__ import annotations

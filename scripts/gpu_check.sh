@@ -21,7 +21,7 @@ say() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
 if (( DRY )); then
   DEV=cpu
   say "tests (CPU, the device path's subset)"
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_device_step.py -k "oracle or reference or no_host"
+  "$PY" -m pytest -q -p no:cacheprovider tests/test_device_step.py -k "oracle or reference or synchronisation"
 else
   DEV=cuda
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"

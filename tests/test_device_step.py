@@ -8,7 +8,7 @@ from helpers import relative_error
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ginger_hf import Ginger
+from ginger_hf import Ginger, symeig
 
 # The devices the device path is checked on against the dense oracle: CPU, and CUDA where there is one
 # (scripts/gpu_check.sh runs this file on a GPU).
@@ -37,9 +37,9 @@ class HostSyncs(TorchDispatchMode):
         return out
 
 
-def train_on_fake_cuda(backend, curvature, steps=5, blocks="row"):
+def train_on_fake_cuda(backend, curvature, steps=3, blocks="row"):
     """Ginger on parameters of a fake CUDA device: a row-block group, a joint group and an AdamW group;
-    refresh every other step. Returns the host syncs of every step (the first included)."""
+    refresh, keep, refresh. Returns the host syncs of every step (the first included)."""
     syncs = []
     with FakeTensorMode():
         params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in SHAPES]
@@ -63,22 +63,16 @@ def train_on_fake_cuda(backend, curvature, steps=5, blocks="row"):
         state = opt.state[params[0]]
         assert all(state[key].device.type == "cuda" for key in ("m", "U", "s", "R", "e", "step", "skipped"))
         assert state["clock"] == steps
-    assert refreshes == [True, False, True, False, True][:steps] or curvature == "empirical"
+    assert refreshes == [True, False, True][:steps] or curvature == "empirical"
     return syncs
 
 
-@pytest.mark.parametrize("backend", [None, "torch"])
-@pytest.mark.parametrize("curvature", ["empirical", "mc"])
-def test_steps_on_a_fake_cuda_device(backend, curvature):
-    """Under FakeTensorMode any read of a device value raises: this passes only if no step reads one."""
-    train_on_fake_cuda(backend, curvature, blocks="row")
-    train_on_fake_cuda(backend, curvature, blocks="tensor")
-
-
-@pytest.mark.parametrize("curvature", ["empirical", "mc"])
-def test_no_host_synchronisation_in_a_step(curvature):
-    """No scalar read and no device-to-host copy in any step, refresh and keep steps, the first one included."""
-    assert train_on_fake_cuda(None, curvature) == [[]] * 5
+@pytest.mark.parametrize("backend,curvature,blocks", [(None, "empirical", "row"), (None, "mc", "tensor"),
+                                                      ("torch", "empirical", "tensor"), ("torch", "mc", "row")])
+def test_steps_on_a_fake_cuda_device_without_host_synchronisation(backend, curvature, blocks):
+    """Under FakeTensorMode any read of a device value raises: this runs only if no step reads one. And no step,
+    refresh or keep, the first one included, makes a scalar read or a device-to-host copy."""
+    assert train_on_fake_cuda(backend, curvature, blocks=blocks) == [[]] * 3
 
 
 def test_the_sync_counter_sees_what_it_should():
@@ -175,3 +169,29 @@ def test_counters_round_trip_through_a_checkpoint_between_paths():
     other.step()
     assert other.state[q]["step"] == 5 and isinstance(other.state[q]["step"], int)
     assert relative_error(q.detach(), p.detach()) <= 2e-6
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 11])
+@pytest.mark.parametrize("kind", ["random", "diagonal plus rank one", "tied", "pinned"])
+def test_jacobi_eigh_matches_lapack(size, kind):
+    """``symeig.eigh`` (fixed sweeps, no host sync) against ``torch.linalg.eigh``, on the small problems a refresh
+    meets: diagonal plus rank one with tiny components (deflation), all-equal eigenvalues (a fresh state), and the
+    in-span case whose residual slot is pinned at -1."""
+    gen = torch.Generator().manual_seed(size)
+    N = 300
+    z = torch.randn(N, size, generator=gen, dtype=torch.float64)
+    if kind == "random":
+        A = torch.randn(N, size, size, generator=gen, dtype=torch.float64)
+        A = A + A.mT
+    else:
+        d = torch.rand(N, size, generator=gen, dtype=torch.float64) * (kind != "tied")
+        if kind == "pinned":
+            d[:, -1], z[:, -1] = -1.0, 0.0
+        z[:, :1] *= 1e-9 if size > 1 else 1
+        A = torch.diag_embed(0.99 * d) + 0.01 * z[:, :, None] * z[:, None, :]
+    lam, V = symeig.eigh(A)
+    expected = torch.linalg.eigvalsh(A)
+    scale = torch.linalg.matrix_norm(A, ord=2).clamp_min(1e-300)[:, None]
+    assert ((lam - expected).abs() / scale).max() <= 1e-13
+    assert (torch.linalg.matrix_norm(A @ V - V * lam[:, None, :]) / scale[:, 0]).max() <= 1e-12
+    assert (V.mT @ V - torch.eye(size, dtype=torch.float64)).abs().max() <= 1e-13
