@@ -14,9 +14,11 @@ sums into one buffer per ``(n, refresh)`` group, the small float64 problems of t
 from one buffer. The passes run per tensor, in bounded chunks (eager) or as whole-tensor expressions
 (``compiled=True``: ``torch.compile``, fused kernels on GPUs).
 
-Precision: the small problems run in float64 on every device. They cost O(B n^3) per refresh (about
-2.5 GFLOP for T5-small's 99,808 row blocks at tau 4, a few ms even at a consumer GPU's 1/64-rate
-float64); float32 would lose the in-span test's resolution (``solve.in_span_tolerance``).
+Precision: the small problems run in float64 on every device, the precision the dense-reference tests
+hold them to. They cost O(B n^3) per refresh (by count, some 4 GFLOP for T5-small's 99,808 row blocks
+at tau 4, most of it the Jacobi sweeps): little on a data-centre GPU; at a consumer GPU's 1/64-rate
+float64 it may show, which ``scripts/gpu_check.sh`` is there to measure (not yet run on a GPU).
+float32 would lose the in-span test's resolution (``solve.in_span_tolerance``: 1e-7 of ``|c|``).
 
 With ``stats`` (opt-in), the step's sums come to the host at the end: that reads the device (a sync).
 """
