@@ -43,7 +43,6 @@ __all__ = ["ginger"]
 _CHUNK = {"cpu": 1 << 16}
 _CHUNK_DEFAULT = 1 << 22
 _SUMS = ("um", "mm", "gg", "gram", "uc", "cc", "cm")  # pass 1's sums, in _pass1_rows's order
-_COEFS = ("scale", "along", "lr", "decay", "rho", "v_c", "shrink", "shift", "v_u")  # _pass2_rows's order
 _REFRESH_COEFS = ("along", "v_c", "shift", "v_u")  # zero on a keep step
 
 
@@ -90,22 +89,25 @@ def _pass2_rows(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1
     ``coefs``: the blocks' rows of ``solve.CoefLayout``. Returns how many coordinates the clip cut (a device tensor)."""
     dt = m.dtype
     clay = CoefLayout(U.shape[0])
-    scale, along, lr, decay, rho, v_c, a, shift, v_u = (clay.view(coefs, name) for name in _COEFS)
+    in_state = coefs.to(dt)  # one cast of the rows, not one per coefficient
+    scale, along, rho, v_c, a, shift, v_u = (clay.view(in_state, name)
+                                             for name in ("scale", "along", "rho", "v_c", "shrink", "shift", "v_u"))
+    in_param = in_state if p.dtype == dt else coefs.to(p.dtype)
+    lr, decay = clay.view(in_param, "lr"), clay.view(in_param, "decay")
     mv = torch.lerp(m, g.to(dt), w1)
-    u = mv - torch.einsum("ibk,bi->bk", U, a.to(dt))
+    u = mv - torch.einsum("ibk,bi->bk", U, a)
     if c is not None:
         c = torch.where(_col(fresh), c.to(dt), 0)  # a refused (non-finite) vector is never read
-        v = torch.einsum("ibk,bi->bk", U, v_u.to(dt)) + _col(v_c.to(dt)) * c
-        u = u + _col(along.to(dt)) * v
-    u = u * _col(scale.to(dt))
-    r = _col(rho.to(dt))
+        v = torch.einsum("ibk,bi->bk", U, v_u) + _col(v_c) * c
+        u = u + _col(along) * v
+    u = u * _col(scale)
+    r = _col(rho)
     keep = _col(ok)
     clipped = ((u.abs() > r) & keep).sum()
     u = torch.minimum(torch.maximum(u, -r), r)
-    writes = [(p, torch.where(keep, p * _col(decay.to(p.dtype)) - _col(lr.to(p.dtype)) * u.to(p.dtype), p)),
-              (m, torch.where(keep, mv, m))]
+    writes = [(p, torch.where(keep, p * _col(decay) - _col(lr) * u.to(p.dtype), p)), (m, torch.where(keep, mv, m))]
     if c is not None:
-        moved = U - _col(shift.T.to(dt)) * v.unsqueeze(0)
+        moved = U - _col(shift.T) * v.unsqueeze(0)
         writes.append((U, torch.where(_col(fresh).unsqueeze(0), moved, U)))
     _copy(*zip(*writes))
     return clipped
