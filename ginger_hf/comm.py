@@ -1,4 +1,8 @@
-"""Low-level collectives and parameter checks the optimizer needs (no Ginger imports)."""
+"""The optimizer's collectives, all in one place, and its parameter checks (no Ginger imports).
+
+``all_reduce_curvature`` sums DDP ranks' curvature vectors before a step; ``exchange`` completes the
+pass-1 sums of FSDP2 blocks that span ranks inside a step (``ginger_hf.sharding``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "all_reduce_curvature", "sharded_kind", "check_not_sharded", "SUPPORTED"]
+__all__ = ["world_size", "all_reduce_curvature", "exchange", "sharded_kind", "check_not_sharded", "SUPPORTED"]
 
 SUPPORTED = (
     "Ginger supports one process, distributed data parallel (DDP: torchrun, accelerate launch "
@@ -37,6 +41,22 @@ def all_reduce_curvature(vectors: list[Tensor], group) -> list[Tensor]:
     flat = torch.cat([v.reshape(-1).to(dtype) for v in vectors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     return [chunk.view_as(v) for chunk, v in zip(flat.split([v.numel() for v in vectors]), vectors)]
+
+
+def exchange(sums: list[Tensor], flags: Tensor, spans: list[bool], group) -> None:
+    """The fast step's one collective after pass 1, in place: ONE all-reduce (on the sums' device, no host
+    round trip) of the spanning blocks' sums and every tensor's finiteness flags, so that every rank takes
+    the same decisions and solves the same small problems."""
+    import torch
+
+    parts = [flags.reshape(-1).to(torch.float64)] + [s.reshape(-1) for s, sp in zip(sums, spans) if sp]
+    flat = torch.cat([x.to(flags.device) for x in parts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    pieces = flat.split([x.numel() for x in parts])
+    flags.copy_(pieces[0].view_as(flags))
+    spanning = [s for s, sp in zip(sums, spans) if sp]
+    if spanning:
+        torch._foreach_copy_(spanning, [x.view_as(s) for x, s in zip(pieces[1:], spanning)])
 
 
 def sharded_kind(param: Any) -> str | None:

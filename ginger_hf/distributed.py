@@ -48,7 +48,6 @@ __all__ = [
     "global_label_count",
     "sync_curvature",
     "trainer_curvature_group",
-    "trainer_uses_fsdp2",
     "check_not_sharded",
     "check_model_supported",
     "check_accelerate_supported",
@@ -131,12 +130,6 @@ def trainer_curvature_group():
     if processes > 1 and kind not in (None, "NO", "XLA") and dist.is_available() and dist.is_initialized():
         return dist.group.WORLD
     return None
-
-
-def trainer_uses_fsdp2() -> bool:
-    """Whether the Trainer's accelerate state is FSDP2 (the model is sharded in ``accelerator.prepare``)."""
-    kind, _ = _accelerate_state()
-    return kind == "FSDP" and _fsdp_version() == 2
 
 
 def global_label_count(count: int | torch.Tensor, group) -> int:

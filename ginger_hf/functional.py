@@ -8,83 +8,26 @@ keeps a damped low-rank model of its curvature, ``G = gamma*I + U^T diag(s) U`` 
 ``f(x) = x^-power`` (GINGER.md sections 2 and 6; the levers are described in
 ``docs/research.md``).
 
-State of one tensor (``init_state``); ``U[j]`` has the parameter's shape so that the state
-shards like the parameter:
-
-* ``m``  parameter-shaped     first moment, state dtype;
-* ``U``  ``(n, *shape)``     basis rows of every block, state dtype;
-* ``s``  ``(B, n)``           eigenvalues of the low-rank parts, float64;
-* ``R``  ``(B, n, n)``        float64: each block's eigenbasis is ``R U`` (the fast path keeps a
-  rotation here so that it can move ``U`` by cheap reflections; this reference makes ``R U``
-  explicit and leaves ``R = I``);
-* ``e``  ``(B,)``             EMA of ``|g|^2`` per block, every step (the scale of relative damping), float64;
-* ``step``, ``curvature_steps``, ``skipped``, ``curvature_skipped``: counters (ints).
+The state of one tensor is described in ``ginger_hf.state_schema`` (``init_state``; ``Hyper`` and
+``block_shape`` live there too and are re-exported here). The fast path keeps a rotation in ``R``
+so that it can move ``U`` by cheap reflections; this reference makes ``R U`` explicit and leaves
+``R = I``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCKS", "Hyper", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw"]
+from .state_schema import BLOCKS, Hyper, block_shape, device_counters, host_counters, init_state
 
-BLOCKS = ("tensor", "row")
+__all__ = ["BLOCKS", "Hyper", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw",
+           "adamw_masked"]
 
 # A residual below this multiple of eps * ||c|| is rounding noise: the new direction adds nothing.
 _RESIDUAL_NOISE = 64.0
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Hyper-parameters of one tensor's step (a param group's values)."""
-
-    lr: float
-    beta2: float
-    damping: float
-    relative_damping: float = 0.0
-    power: float = 1.0
-    rho: float | None = None
-    weight_decay: float = 0.0
-    bias_correction: bool = False
-    blocks: str = "tensor"
-
-
-def block_shape(shape: torch.Size | tuple[int, ...], blocks: str) -> tuple[int, int]:
-    """``(B, k)``: ``B`` contiguous blocks of ``k`` elements.
-
-    ``"tensor"``: one block (the paper). ``"row"``: one block per slice along dim 0 of a
-    tensor with two or more dims (per output unit of a weight matrix, per token of an
-    embedding); 0-D and 1-D tensors stay one block.
-    """
-    numel = math.prod(shape)
-    if blocks == "row" and len(shape) >= 2 and shape[0] > 0:
-        return shape[0], numel // shape[0]
-    return 1, numel
-
-
-def init_state(param: Tensor, tau: int, blocks: str, state_dtype: torch.dtype) -> dict[str, Any]:
-    """Fresh state: ``m = 0``, ``s = 0``, ``e = 0``, ``R = I``, each block's ``U`` its first ``n`` unit vectors."""
-    B, k = block_shape(param.shape, blocks)
-    n = min(tau, k)
-    dev = param.device
-    U = torch.zeros(n, B, k, dtype=state_dtype, device=dev)
-    j = torch.arange(n, device=dev)
-    U[j, :, j] = 1
-    return {
-        "m": torch.zeros(param.shape, dtype=state_dtype, device=dev),
-        "U": U.view(n, *param.shape),
-        "s": torch.zeros(B, n, dtype=torch.float64, device=dev),
-        "R": torch.eye(n, dtype=torch.float64, device=dev).repeat(B, 1, 1),
-        "e": torch.zeros(B, dtype=torch.float64, device=dev),
-        "step": 0,
-        "curvature_steps": 0,
-        "skipped": 0,
-        "curvature_skipped": 0,
-    }
 
 
 def _blocks(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -164,10 +107,12 @@ def ginger(
     ``curvatures[i]`` is the tensor's curvature vector on a refresh step, else ``None``. A
     tensor whose gradient is not finite is skipped untouched (``skipped`` counts it); one
     whose curvature vector alone is not finite takes its step without the refresh
-    (``curvature_skipped`` counts it). A state whose ``R`` is not the identity (written by
+    (``curvature_skipped`` counts it). The reference reads the device freely (it is the oracle,
+not the fast path). A state whose ``R`` is not the identity (written by
     the fast path) first gets its eigenbasis ``R U`` made explicit.
     """
     for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
+        host_counters(state)
         if not _all_finite(grad):
             state["skipped"] += 1
             continue
@@ -223,3 +168,23 @@ def adamw(
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
         param.add_((m / denom).to(param.dtype), alpha=-lr / (1 - beta1**step))
+
+
+def adamw_masked(param: Tensor, grad: Tensor, state: dict[str, Any], *, lr: float, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> None:
+    """``adamw`` for one tensor whose gradient may not be finite, decided on its device without reading it:
+    where it is not finite nothing moves but ``skipped``. ``step`` and ``skipped`` become 0-d device tensors."""
+    device_counters(state, param.device, ("step", "skipped"))
+    ok = torch.isfinite(grad).all()
+    state["step"] += ok
+    state["skipped"] += torch.logical_not(ok)
+    t = state["step"].double()
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    g = torch.where(ok, grad.to(m.dtype), 0)
+    m_new = torch.lerp(m, g, 1 - beta1)
+    v_new = v * beta2 + (1 - beta2) * g * g
+    denom = (v_new.sqrt() / (1 - torch.pow(beta2, t)).sqrt()).add_(eps)
+    update = (m_new / denom) * (lr / (1 - torch.pow(beta1, t)))
+    new_param = param * (1 - lr * weight_decay) - update.to(param.dtype)
+    torch._foreach_copy_([m, v, param], [torch.where(ok, new, old) for old, new in
+                                         ((m, m_new), (v, v_new), (param, new_param))])

@@ -1,15 +1,14 @@
 """The ``Ginger`` optimizer: a thin ``torch.optim.Optimizer`` shell over ``ginger_hf.fused``.
 
-The shell resolves and validates hyper-parameters, creates state lazily, decides which
-tensors refresh their curvature model this step and sums ``mc`` curvature over
-data-parallel ranks. The math lives in ``fused.py`` (the fast two-pass step), checked
-against the reference ``functional.py``.
+The shell resolves and validates hyper-parameters, creates state lazily (``state_schema``), decides
+on the host which tensors refresh their curvature model this step, gathers the step's tensors and
+sums ``mc`` curvature over data-parallel ranks (``step_plan``), and hands each ``beta1`` batch
+(``step_batch.StepBatch``) to ``fused.ginger``, the front over the C++ kernel and the
+device-resident step, checked against the reference ``functional.py``.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,10 +19,13 @@ from torch.optim import Optimizer
 from . import functional as F
 from . import fused
 from . import legacy
-from . import sharding
-from .comm import all_reduce_curvature, check_not_sharded, world_size
+from . import sharding, step_plan
+from . import state_schema as schema
+from .comm import check_not_sharded
 from .hyperparameters import (ALGORITHMS, CURVATURE_MODES, CURVATURE_SCALES, DEFAULT_LR, PRESET, PRESETS,
                               apply_group_preset, check_preset, split_named_params, validate_hyperparameters)
+from .state_schema import Hyper
+from .step_batch import StepBatch
 from .pending import clear_curvature, get_curvature
 
 __all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "ALGORITHMS", "unwrap_ginger", "state_bytes",
@@ -215,11 +217,11 @@ class Ginger(Optimizer):
         return group["params"][0] if group["joint"] else param
 
     def _refreshes(self, param: Tensor, group: dict[str, Any]) -> bool:
-        """Whether the tensor's next step (its step count + 1) refreshes the curvature model."""
+        """Whether the tensor's next step refreshes the curvature model: every ``curvature_interval``-th
+        ``step()`` call, counted on the host (``state_schema.clock``), skipped steps included."""
         if group["algorithm"] != "ginger":
             return False
-        state = self.state.get(self._key(param, group))
-        return (state["step"] if state else 0) % group["curvature_interval"] == 0
+        return schema.clock(self.state.get(self._key(param, group))) % group["curvature_interval"] == 0
 
     def needs_curvature(self) -> bool:
         """True if the next ``step()`` will consume ``param.curvature`` for some ``mc`` tensor.
@@ -255,88 +257,6 @@ class Ginger(Optimizer):
 
     # -- the step -----------------------------------------------------------------------
 
-    def _curvature_of(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
-        """The curvature vector a refreshing tensor reads; raises if an ``mc`` tensor has none."""
-        if group["curvature"] == "empirical":
-            return p.grad
-        curv = get_curvature(p)
-        if curv is None:
-            raise RuntimeError(
-                "Ginger(curvature='mc') needs a curvature vector on this refresh step, but parameter "
-                f"of shape {tuple(p.shape)} has none. Before optimizer.step(), compute it with "
-                "ginger_hf.add_sampled_label_curvature(logits, labels, optimizer) (or set "
-                "`param.curvature` yourself), or construct Ginger with curvature='empirical'."
-            )
-        if sharding.is_dtensor(p) and not sharding.is_dtensor(curv):  # this rank's slice of an FSDP2 parameter
-            if curv.shape != sharding.local(p).shape:
-                raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != this rank's slice of the "
-                                 f"parameter {tuple(sharding.local(p).shape)}")
-        elif curv.shape != p.shape:
-            raise ValueError(f"Ginger: param.curvature shape {tuple(curv.shape)} != parameter shape {tuple(p.shape)}")
-        return curv
-
-    def _collect(self) -> list[tuple[dict[str, Any], list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]]]]:
-        """Tensors that take a step as ``(state key, params, grad, curvature)``; raises before any change.
-
-        A joint group is one block whose gradient and curvature are the flattened
-        concatenations over its params (zeros for a param without gradient). Empty
-        parameters take no step: there is nothing to move.
-        """
-        plan = []
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.is_sparse:
-                    raise TypeError("Ginger does not support sparse gradients; use a dense embedding (sparse=False)")
-                if self._key(p, group) not in self.state:
-                    self._check_placement((p,), group)  # accelerate's FSDP swaps param_groups after construction
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"Ginger: gradient shape {tuple(p.grad.shape)} != parameter shape {tuple(p.shape)}")
-            entries = []
-            if group["joint"] and with_grad and any(p.numel() for p in group["params"]):
-                params = group["params"]
-                grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-                curv = None
-                if self._refreshes(params[0], group):
-                    if group["curvature"] == "empirical":
-                        curv = grad
-                    else:
-                        curv = torch.cat([self._curvature_of(p, group).reshape(-1) for p in params])
-                entries.append((params[0], params, grad, curv))
-            elif not group["joint"]:
-                for p in with_grad:
-                    if p.numel() == 0:  # nothing to step (Ginger's blocks need at least one element)
-                        continue
-                    curv = self._curvature_of(p, group) if self._refreshes(p, group) else None
-                    entries.append((p, [p], p.grad, curv))
-            plan.append((group, entries))
-        return plan
-
-    def _sync_curvature(self, plan) -> None:
-        """Sum the step's ``mc`` curvature vectors over ``curvature_group``: one all-reduce, none if there are none.
-
-        FSDP2 parameters are skipped: their vectors arrive summed already (``ginger_hf.sharded_curvature``).
-        """
-        slots = [(entries, i) for _, entries in plan for i, (key, _, g, c) in enumerate(entries)
-                 if c is not None and c is not g and not sharding.is_dtensor(key)]
-        if not slots:
-            return
-        if self.curvature_group is None:
-            dist = torch.distributed
-            if not self._warned_unsynced and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                self._warned_unsynced = True
-                warnings.warn(
-                    "Ginger(curvature='mc') runs in a multi-process job but sums no curvature across ranks. If the "
-                    "model is DDP-wrapped, call ginger_hf.sync_curvature(optimizer, model) after wrapping; "
-                    "independent processes can ignore this.", stacklevel=3,
-                )
-            return
-        if world_size(self.curvature_group) == 1:
-            return
-        summed = all_reduce_curvature([entries[i][3] for entries, i in slots], self.curvature_group)
-        for (entries, i), c in zip(slots, summed):
-            entries[i] = (*entries[i][:3], c)
-
     def _state_for(self, key: Tensor, group: dict[str, Any], target: Tensor) -> dict[str, Any]:
         """The tensor's state, created on first use (and completed for checkpoints of older versions)."""
         state = self.state[key]
@@ -350,31 +270,35 @@ class Ginger(Optimizer):
             blocks = "tensor" if group["joint"] else group["blocks"]
             placed = sharding.sharding_of(key, blocks)
             if placed is None:
-                state.update(F.init_state(target, group["tau"], blocks, dtype))
+                state.update(schema.init_state(target, group["tau"], blocks, dtype))
             else:
-                state.update(sharding.init_sharded_state(key, placed, group["tau"], blocks, dtype))
+                state.update(schema.init_sharded_state(sharding.local(key), placed, group["tau"], blocks, dtype))
         return state
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every tensor with a gradient. On the device path nothing here waits for the device
+        (``device_step``); ``step_stats`` (opt-in) reads it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        if self._only_initializing():
+        gate = self._only_initializing()
+        if gate is True:
             return loss
-        plan = self._collect()
-        self._sync_curvature(plan)
+        gate = gate if isinstance(gate, Tensor) else None
+        plan = step_plan.collect(self)
+        step_plan.sync_curvature(self, plan)
         if self.step_stats is not None:
             squares = [torch.linalg.vector_norm(c, dtype=torch.float64).square() for _, entries in plan
                        for _, _, _, c in entries if c is not None]
             if squares:
                 self.step_stats["curvature_sq"] = float(sum(x.to("cpu") for x in squares))
 
-        # Ginger tensors of all groups that share beta1 go through one fused call (one batched
-        # solve per rank, one kernel call per pass); every other hyper-parameter goes per tensor.
-        calls: dict[float, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        # Ginger tensors of all groups that share beta1 take one fused step (one batched solve per rank, one
+        # kernel call per pass); every other hyper-parameter goes per tensor.
+        batches: dict[float, StepBatch] = {}
         joints, sharded = [], []
         for group, entries in plan:
             beta1, beta2 = group["betas"]
@@ -382,55 +306,52 @@ class Ginger(Optimizer):
                 target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
                 state = self._state_for(key, group, target)
                 if group["algorithm"] == "adamw":
-                    self._adamw_step(key, g, state, group)
+                    self._adamw_step(key, g, state, group, on_device=self.backend in ("torch", "compile"))
                     continue
-                call = calls[beta1]
+                schema.tick(state)
+                batch = batches.setdefault(beta1, StepBatch(beta1))
                 placed = sharding.sharding_of(key, group["blocks"])
                 if placed is not None:  # FSDP2: this rank's slices; the sharded state keeps its counters
-                    view = sharding.local_state(state)
+                    target, g, c, view = sharding.localise(key, state, g, c)
                     sharded.append((state, view))
-                    target, g, c, state = sharding.local(key), sharding.local(g), sharding.local(c), view
-                    call["group"] = placed.group
-                call["spans"].append(placed is not None and placed.spans)
-                call["block_lengths"].append(placed.block_numel if placed is not None else None)
-                call["params"].append(target)
-                call["grads"].append(g)
-                call["curvatures"].append(c)
-                call["states"].append(state)
-                call["hypers"].append(F.Hyper(
-                    lr=float(group["lr"]), beta2=beta2, damping=group["damping"], relative_damping=group["relative_damping"],
+                    state, batch.group = view, placed.group
+                batch.add(target, g, c, state, Hyper(
+                    lr=float(group["lr"]), beta2=beta2, damping=group["damping"],
+                    relative_damping=group["relative_damping"],
                     power=group["power"], rho=group["rho"], weight_decay=group["weight_decay"],
-                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]))
+                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]),
+                    spans=placed is not None and placed.spans, block_length=placed and placed.block_numel)
                 if group["joint"]:
                     joints.append((target, params))
-        for beta1, call in calls.items():
-            sync, lengths = None, None
-            if "group" in call:
-                sync = sharding.make_sync(call["spans"], call["group"])
-                lengths = [k if k is not None else p.numel() // max(st["s"].shape[0], 1)
-                           for k, p, st in zip(call["block_lengths"], call["params"], call["states"])]
-            fused.ginger(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
-                         beta1=beta1, backend=self.backend, stats=self.step_stats, sync=sync, block_lengths=lengths)
+        for batch in batches.values():
+            fused.ginger(batch.params, batch.grads, batch.curvatures, batch.states, batch.hypers, beta1=batch.beta1,
+                         backend=self.backend, stats=self.step_stats, spans=batch.spans, group=batch.group,
+                         block_lengths=batch.lengths(), gate=gate)
         for state, view in sharded:
-            sharding.store_counters(state, view)
+            schema.store_counters(state, view)
         for flat, params in joints:
-            for p, piece in zip(params, flat.split([p.numel() for p in params])):
-                p.copy_(piece.view_as(p))
+            torch._foreach_copy_(list(params), [piece.view_as(p) for p, piece in zip(params, flat.split(
+                [p.numel() for p in params]))])
         self.zero_curvature()
         return loss
 
-    def _only_initializing(self) -> bool:
+    def _only_initializing(self) -> bool | Tensor | None:
         """A first step with all-zero gradients and no curvature vector only creates the state.
 
         That is what ``torch.distributed.checkpoint`` does before loading a checkpoint into a
         fresh optimizer (``set_optimizer_state_dict`` steps once with zero gradients and lr 0).
+        Returns True if so (CPU gradients, read here), False or None if not, and for gradients on
+        another device a 0-d bool tensor, the ``gate`` of the device step (True: step), not read here.
         """
         if self.state:
-            return False
+            return None
         entries = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not entries or any(get_curvature(p) is not None for _, p in entries):
-            return False
-        if any(bool(sharding.local(p.grad).any()) for _, p in entries):
+            return None
+        grads = [sharding.local(p.grad) for _, p in entries]
+        if any(g.device.type != "cpu" for g in grads):
+            return torch.stack([g.any() for g in grads]).any()
+        if any(bool(g.any()) for g in grads):
             return False
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -442,14 +363,17 @@ class Ginger(Optimizer):
         return True
 
     @staticmethod
-    def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def _adamw_step(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], on_device: bool) -> None:
+        beta1, beta2 = group["betas"]
+        args = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        if on_device or grad.device.type != "cpu":  # the device path: the decision is a mask, the counters device tensors
+            F.adamw_masked(param, grad, state, **args)
+            return
         if not bool(torch.isfinite(grad).all()):
             state["skipped"] += 1
             return
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], lr=float(group["lr"]),
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        F.adamw([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], **args)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``Optimizer.load_state_dict`` that keeps the saved state dtypes and reads older checkpoints.

@@ -6,7 +6,7 @@ needs is a sum over its elements (``U U^T``, ``U c``, ``U m'``, ``c.c``, ...), s
 * a block that lies inside one rank (a row of a 2+-D tensor with ``blocks="row"``) is
   stepped locally, exactly as without sharding;
 * a block that spans ranks (a whole tensor with ``blocks="tensor"``, and every 1-D tensor)
-  has its pass-1 sums formed on each rank's slice and completed by an all-reduce; the small
+  has its pass-1 sums formed on each rank's slice and completed by an all-reduce (``comm.exchange``); the small
   solve then runs identically on every rank, and pass 2 writes each rank's slice.
 
 All of a step's sums that need completing, and every tensor's finiteness flags (a tensor
@@ -22,15 +22,15 @@ spanning block. Each rank holds about ``(tau + 1) d / world`` numbers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .functional import block_shape
+from . import state_schema
+from .state_schema import block_shape
 
-__all__ = ["Sharding", "sharding_of", "init_sharded_state", "local_state", "make_sync", "local"]
+__all__ = ["Sharding", "sharding_of", "localise", "local"]
 
 _REFUSED = (
     "Ginger shards its state like FSDP2 parameters placed Shard(0) on a 1-D device mesh "
@@ -88,71 +88,7 @@ def sharding_of(param: Tensor, blocks: str) -> Sharding | None:
                     spans=not rows and mesh.size() > 1, rows=rows, block_numel=k)
 
 
-def _from_local(t: Tensor, sh: Sharding, placement, shape) -> Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(t, sh.mesh, [placement], run_check=False, shape=torch.Size(shape),
-                              stride=torch.empty(shape, device="meta").stride())
-
-
-def init_sharded_state(param: Tensor, sh: Sharding, tau: int, blocks: str, state_dtype: torch.dtype) -> dict[str, Any]:
-    """The state unsharded Ginger would create, each rank keeping its slice (as DTensors)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    p = local(param)
-    dev = p.device
-    B_global, k = block_shape(sh.shape, blocks)
-    n = min(tau, k)
-    j = torch.arange(n, device=dev)
-    if sh.rows:  # each local row is a whole block
-        rows, placement = p.shape[0], Shard(0)
-        U = torch.zeros(n, rows, k, dtype=state_dtype, device=dev)
-        U[j, :, j] = 1
-    else:  # one block: its first n unit vectors, which only the ranks holding those elements see
-        rows, placement = 1, Replicate()
-        row_numel = sh.shape[1:].numel() if len(sh.shape) else 1
-        start = sh.offset * row_numel
-        U = torch.zeros(n, p.numel(), dtype=state_dtype, device=dev)
-        mine = (j >= start) & (j < start + p.numel())
-        U[j[mine], j[mine] - start] = 1
-    return {
-        "m": _from_local(torch.zeros(p.shape, dtype=state_dtype, device=dev), sh, Shard(0), sh.shape),
-        "U": _from_local(U.view(n, *p.shape), sh, Shard(1), (n, *sh.shape)),
-        "s": _from_local(torch.zeros(rows, n, dtype=torch.float64, device=dev), sh, placement, (B_global, n)),
-        "R": _from_local(torch.eye(n, dtype=torch.float64, device=dev).repeat(rows, 1, 1), sh, placement,
-                         (B_global, n, n)),
-        "e": _from_local(torch.zeros(rows, dtype=torch.float64, device=dev), sh, placement, (B_global,)),
-        "step": 0,
-        "curvature_steps": 0,
-        "skipped": 0,
-        "curvature_skipped": 0,
-    }
-
-
-_TENSORS = ("m", "U", "s", "R", "e")
-_COUNTERS = ("step", "curvature_steps", "skipped", "curvature_skipped")
-
-
-def local_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The rank's views of a sharded state (tensors) and a copy of its counters; see ``store_counters``."""
-    return {key: local(state[key]) if key in _TENSORS else state[key] for key in (*_TENSORS, *_COUNTERS)}
-
-
-def store_counters(state: dict[str, Any], view: dict[str, Any]) -> None:
-    for key in _COUNTERS:
-        state[key] = view[key]
-
-
-def make_sync(spans: list[bool], group) -> Callable[[list[Tensor], Tensor], tuple[list[Tensor], Tensor]]:
-    """The fast step's hook after pass 1: ONE all-reduce of the spanning blocks' sums and every tensor's flags."""
-
-    def sync(sums: list[Tensor], flags: Tensor) -> tuple[list[Tensor], Tensor]:
-        parts = [flags.reshape(-1).to(torch.float64)] + [s.reshape(-1) for s, sp in zip(sums, spans) if sp]
-        flat = torch.cat([x.to(flags.device) for x in parts])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        pieces = flat.split([x.numel() for x in parts])
-        it = iter(pieces[1:])
-        out = [next(it).view_as(s).to(s.device) if sp else s for s, sp in zip(sums, spans)]
-        return out, pieces[0].view_as(flags)
-
-    return sync
+def localise(key: Tensor, state: dict[str, Any], grad: Tensor, curvature: Tensor | None):
+    """This rank's part of an FSDP2 tensor's step: its parameter, gradient and curvature slices and a view
+    of its state (tensors: local views; counters: copied, stored back by ``state_schema.store_counters``)."""
+    return local(key), local(grad), local(curvature), state_schema.local_state(state, local)

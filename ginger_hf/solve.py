@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import symeig
+
 __all__ = ["StatsLayout", "CoefLayout", "Blocks", "solve_refresh", "solve_keep", "in_span_tolerance"]
 
 
@@ -49,10 +51,10 @@ class StatsLayout:
 
     def view(self, stats: Tensor, name: str) -> Tensor:
         at, size = self.offsets[name]
-        out = stats[..., at : at + size]
+        out = stats.narrow(-1, at, size)  # narrow/select, not indexing: fake devices refuse Python indexing
         if name == "gram":
             return out.unflatten(-1, (self.n, self.n))
-        return out if size > 1 or name in ("uc", "um") else out[..., 0]
+        return out if size > 1 or name in ("uc", "um") else out.select(-1, 0)
 
 
 class CoefLayout:
@@ -76,8 +78,8 @@ class CoefLayout:
 
     def view(self, coefs: Tensor, name: str) -> Tensor:
         at, size = self.offsets[name]
-        out = coefs[..., at : at + size]
-        return out if name in ("shrink", "shift", "v_u") else out[..., 0]
+        out = coefs.narrow(-1, at, size)
+        return out if name in ("shrink", "shift", "v_u") else out.select(-1, 0)
 
 
 @dataclass
@@ -116,34 +118,44 @@ def in_span_tolerance(dtype: torch.dtype) -> float:
     return max(8 * torch.finfo(dtype).eps, 1e-7)
 
 
+def _col(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1)
+
+
+def _mv(A: Tensor, x: Tensor) -> Tensor:
+    """Batched matrix-vector product."""
+    return (A @ x.unsqueeze(-1)).squeeze(-1)
+
+
 def _sym(G: Tensor) -> Tensor:
     """Fill the lower triangle from the upper one (kernels may write only the upper)."""
     n = G.shape[-1]
-    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    upper = torch.ones(n, n, dtype=torch.bool, device=G.device).triu()
     return torch.where(upper, G, G.mT)
 
 
 def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
-    """``(G^{-1/2}, G^{1/2})`` of symmetric positive definite matrices close to ``I``.
+    """``(G^{-1/2}, G^{1/2})`` of symmetric positive definite matrices (Gram matrices of near-orthonormal rows).
 
-    Coupled Newton-Schulz (matrix products only, cheap for many small matrices; quadratic
-    convergence from ``|G - I| < 1``); blocks still off after the iterations fall back to
-    an eigen-decomposition.
+    Coupled Newton-Schulz: matrix products only, a fixed number of iterations, no data-dependent branch and
+    no host synchronisation. Four iterations take a ``G`` near ``I`` (``|G - I| < 1/2``: every Gram the step
+    itself produces, rows re-orthonormalised at each refresh) to float64 rounding. A ``G`` further off is
+    first divided by ``|G|_inf`` (eigenvalues in ``(0, 1]``, where the iteration converges) and gets eight
+    more iterations, which blocks already converged sit out (masks), so that their result stays that of the
+    first four.
     """
     n = G.shape[-1]
-    eye = torch.eye(n, dtype=G.dtype)
-    Y, Z = G, eye.expand_as(G)
-    for _ in range(4):
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
+    near = (G - eye).abs().sum(-1).amax(-1) < 0.5
+    norm = torch.where(near, 1.0, G.abs().sum(-1).amax(-1)).unsqueeze(-1).unsqueeze(-1)
+    Y, Z = G / norm, eye.expand_as(G)
+    for i in range(12):
+        if i == 4:
+            done = ((Z @ (G / norm) @ Z) - eye).abs().amax((-2, -1), keepdim=True) <= 1e-12
         T = 1.5 * eye - 0.5 * (Z @ Y)
-        Y, Z = Y @ T, T @ Z
-    bad = ((Z @ G @ Z) - eye).abs().amax((-2, -1)) > 1e-12
-    if bool(bad.any()):
-        e, Q = torch.linalg.eigh(G[bad])
-        root = e.clamp_min(1e-300).sqrt()[:, None, :]
-        Z, Y = Z.clone(), Y.clone()
-        Z[bad] = (Q / root) @ Q.mT
-        Y[bad] = (Q * root) @ Q.mT
-    return Z, Y
+        Y, Z = (Y @ T, T @ Z) if i < 4 else (torch.where(done, Y, Y @ T), torch.where(done, Z, T @ Z))
+    root = norm.sqrt()
+    return Z / root, Y * root
 
 
 def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tensor) -> dict[str, Tensor]:
@@ -155,10 +167,10 @@ def _direction(bl: Blocks, s: Tensor, e: Tensor, R: Tensor, um: Tensor, mm: Tens
     ``|u|^2 = scale^2 (|m'|^2 - sum (2 phi - phi^2) y^2)`` and ``|B u|^2 = scale^2 sum ((1 - phi) y)^2``.
     """
     gamma = bl.damping + bl.relative_damping * e / (bl.debias_e * bl.k)
-    s_hat = s / bl.debias[:, None]
-    phi = 1 - (gamma[:, None] / (gamma[:, None] + s_hat)).pow(bl.power[:, None])
-    y = (R @ um[..., None])[..., 0]
-    a = (R.mT @ (phi * y)[..., None])[..., 0]
+    s_hat = s / _col(bl.debias)
+    phi = 1 - (_col(gamma) / (_col(gamma) + s_hat)).pow(_col(bl.power))
+    y = _mv(R, um)
+    a = _mv(R.mT, phi * y)
     scale = gamma.pow(-bl.power) / bl.momentum_debias
     update_sq = scale**2 * (mm - ((2 * phi - phi**2) * y * y).sum(-1)).clamp_min(0)
     span_sq = scale**2 * (((1 - phi) * y) ** 2).sum(-1)
@@ -188,36 +200,38 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     W, Wi = _inverse_sqrt(_sym(layout.view(stats, "gram")))
     uc, um = layout.view(stats, "uc"), layout.view(stats, "um")
     cc, cm = layout.view(stats, "cc"), layout.view(stats, "cm")
-    k = (W @ uc[..., None])[..., 0]  # c in the orthonormal basis W U
+    k = _mv(W, uc)  # c in the orthonormal basis W U
     RB = bl.R @ Wi  # the eigenbasis in W U: orthogonal up to rounding, made exactly so
     RB = RB @ _inverse_sqrt(RB.mT @ RB)[0]
     r = (cc - (k * k).sum(-1)).clamp_min(0).sqrt()
     rotate = r > bl.tolerance * cc.sqrt()
     r = torch.where(rotate, r, torch.zeros_like(r))
-    z = torch.cat([(RB @ k[..., None])[..., 0], r[:, None]], 1)
-    K = (1 - bl.beta2)[:, None, None] * z[:, :, None] * z[:, None, :]
-    K[:, :n, :n] += torch.diag_embed(bl.beta2[:, None] * bl.s)
-    K[:, n, n] -= (~rotate).double()  # in span: pin the residual slot below the rest, so that it is dropped
-    lam, V = torch.linalg.eigh(K)  # ascending: column 0 is the eigenpair to drop
-    e_drop = torch.cat([(RB.mT @ V[:, :n, :1])[..., 0], V[:, n:, 0]], 1)  # in coordinates (W U, residual)
-    sigma = torch.where(e_drop[:, n] >= 0, -1.0, 1.0)[:, None]  # reflect far from e_drop: |v|^2 >= 2
-    v = -sigma * e_drop
-    v[:, n] += 1
+    z = torch.cat([_mv(RB, k), _col(r)], 1)
+    K = _col(_col(1 - bl.beta2)) * _col(z) * z.unsqueeze(1)
+    # + diag(beta2 s, 0); in span, -1 in the residual slot: pinned below the rest, so that it is dropped
+    K = K + torch.diag_embed(torch.cat([_col(bl.beta2) * bl.s, -_col(torch.logical_not(rotate).double())], 1))
+    lam, V = symeig.eigh(K)  # ascending: column 0 is the eigenpair to drop
+    drop = V.select(2, 0)  # the eigenvector dropped, in coordinates (old eigenbasis, residual) ...
+    e_drop = torch.cat([_mv(RB.mT, drop.narrow(1, 0, n)), drop.narrow(1, n, 1)], 1)  # ... and in (W U, residual)
+    sigma = _col(torch.where(e_drop.select(1, n) >= 0, -1.0, 1.0))  # reflect far from e_drop: |v|^2 >= 2
+    last = torch.cat([torch.zeros(n, dtype=K.dtype, device=K.device), torch.ones(1, dtype=K.dtype, device=K.device)])
+    v = -sigma * e_drop + last
     vv = (v * v).sum(-1)
-    H = torch.eye(n + 1, dtype=torch.float64) - 2 * v[:, :, None] * v[:, None, :] / vv[:, None, None]
-    Q = H[:, :n, :]  # orthonormal basis of e_drop's complement, in coordinates (W U, residual)
-    C = V[:, :, 1:].mT.clone()  # the new eigenbasis in coordinates (old eigenbasis, residual) ...
-    C[:, :, :n] = C[:, :, :n] @ RB  # ... and in (W U, residual)
+    H = torch.eye(n + 1, dtype=torch.float64, device=K.device) - 2 * _col(v) * v.unsqueeze(1) / _col(_col(vv))
+    Q = H.narrow(1, 0, n)  # orthonormal basis of e_drop's complement, in coordinates (W U, residual)
+    C = V.narrow(2, 1, n).mT  # the new eigenbasis in coordinates (old eigenbasis, residual) ...
+    C = torch.cat([C.narrow(2, 0, n) @ RB, C.narrow(2, n, 1)], 2)  # ... and in (W U, residual)
     R_new = (C @ Q.mT) @ W
-    beta = 2 * v[:, :n] / vv[:, None]
+    v_head, v_last = v.narrow(1, 0, n), v.narrow(1, n, 1)
+    beta = 2 * v_head / _col(vv)
     safe_r = torch.where(rotate, r, torch.ones_like(r))
-    v_u = torch.where(rotate[:, None], v[:, :n] - v[:, n:] * k / safe_r[:, None], 0.0)
-    v_c = torch.where(rotate, v[:, n] / safe_r, 0.0)
-    shift = torch.where(rotate[:, None], (Wi @ beta[..., None])[..., 0], 0.0)
-    v_u = (W @ v_u[..., None])[..., 0]
-    s_new = lam[:, 1:].clamp_min(0)
+    v_u = torch.where(_col(rotate), v_head - v_last * k / _col(safe_r), 0.0)
+    v_c = torch.where(rotate, v_last.select(1, 0) / safe_r, 0.0)
+    shift = torch.where(_col(rotate), _mv(Wi, beta), 0.0)
+    v_u = _mv(W, v_u)
+    s_new = lam.narrow(1, 1, n).clamp_min(0)
     e_new = _gradient_energy(bl, layout, stats)
-    um_new = um - shift * ((v_u * um).sum(-1) + v_c * cm)[:, None]  # U_new m'
+    um_new = um - shift * _col((v_u * um).sum(-1) + v_c * cm)  # U_new m'
     out = _direction(bl, s_new, e_new, R_new, um_new, layout.view(stats, "mm"))
     return dict(out, s=s_new, R=R_new, e=e_new, rotate=rotate, shift=shift, v_u=v_u, v_c=v_c,
                 along=(out["shrink"] * shift).sum(-1))

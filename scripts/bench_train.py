@@ -13,6 +13,7 @@ multiple of the curvature interval), its ratio to AdamW's, and the median.
     python scripts/bench_train.py                      # defaults: 3 rounds x 18 steps
     python scripts/bench_train.py --rounds 5 --steps 26 --json outputs/bench_train.json
     python scripts/bench_train.py --configs ginger,ginger_interval_8      # AdamW always runs
+    python scripts/bench_train.py --device cuda --bf16 --model t5-small --rounds 1   # scripts/gpu_check.sh
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ CONFIGS = {
     "ginger_paper": dict(optim="ginger", optim_args="preset=paper"),
 }
 LIMITS = {"ginger": 1.3}
+# T5-small's shape (60.5M parameters with its 32k vocabulary; the bundled tokenizer's vocabulary is smaller).
+MODELS = {"proxy": {}, "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                                        num_heads=8)}
 
 
 class StepClock(TrainerCallback):
@@ -57,13 +61,14 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def one_round(name: str, data, tokenizer, steps: int, batch_size: int, out_dir: Path) -> list[float]:
-    model = proxy.build_model(tokenizer, seed=0)
+def one_round(name: str, data, tokenizer, steps: int, batch_size: int, out_dir: Path, device: str = "cpu",
+              bf16: bool = False, shape: str = "proxy") -> list[float]:
+    model = proxy.build_model(tokenizer, seed=0, **MODELS[shape])
     args = Seq2SeqTrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=1e-3,
         lr_scheduler_type="constant", max_grad_norm=1.0, seed=0, data_seed=0, train_sampling_strategy="group_by_length",
-        eval_strategy="no", save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
-        disable_tqdm=True, logging_strategy="no", **CONFIGS[name],
+        eval_strategy="no", save_strategy="no", report_to="none", use_cpu=device == "cpu", bf16=bf16,
+        dataloader_num_workers=0, disable_tqdm=True, logging_strategy="no", **CONFIGS[name],
     )
     clock = StepClock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"],
@@ -83,6 +88,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--configs", default=",".join(CONFIGS),
                    help=f"comma-separated subset of: {', '.join(CONFIGS)} (AdamW always runs: it is the unit)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the Trainer's --bf16)")
+    p.add_argument("--model", choices=tuple(MODELS), default="proxy", help="proxy: the main job's T5; t5-small: its shape")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--output-dir", type=Path, default=Path("outputs/bench_train"))
     a = p.parse_args(argv)
@@ -96,15 +104,16 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     tokenizer = proxy.load_tokenizer()
     data = proxy.tokenize_splits(proxy.load_debsum(("train",)), tokenizer, {"train": a.train_rows})
-    n_params = sum(p.numel() for p in proxy.build_model(tokenizer).parameters())
-    print(f"model: offline_tasks.proxy T5 ({n_params / 1e6:.2f}M parameters), batch {a.batch_size}, "
-          f"threads {torch.get_num_threads()}, load at start {os.getloadavg()}")
+    n_params = sum(p.numel() for p in proxy.build_model(tokenizer, **MODELS[a.model]).parameters())
+    print(f"model: offline_tasks.proxy T5, {a.model} shape ({n_params / 1e6:.2f}M parameters), batch {a.batch_size}, "
+          f"device {a.device}{', bf16' if a.bf16 else ''}, threads {torch.get_num_threads()}, "
+          f"load at start {os.getloadavg()}")
     times = {name: [] for name in names}
     loads = []
     for r in range(a.rounds):
         order = names if r % 2 == 0 else names[::-1]  # alternate the order too
         for name in order:
-            t = one_round(name, data, tokenizer, a.steps, a.batch_size, a.output_dir)
+            t = one_round(name, data, tokenizer, a.steps, a.batch_size, a.output_dir, a.device, a.bf16, a.model)
             times[name] += t[a.warmup:]
             loads.append(os.getloadavg()[0])
             print(f"  round {r + 1} {name:18s} median {statistics.median(t[a.warmup:]):.3f} s/step  "

@@ -69,7 +69,8 @@ def test_host_synchronisations_do_not_grow_with_the_number_of_parameters(backend
 
 
 def test_numerical_modules_name_no_device():
-    for name in ("functional.py", "fused.py", "solve.py", "optimizer.py", "curvature.py", "curvature_hook.py"):
+    for name in ("functional.py", "fused.py", "solve.py", "optimizer.py", "curvature.py", "curvature_hook.py",
+                 "device_step.py", "symeig.py", "state_schema.py", "step_plan.py"):
         source = (PACKAGE / name).read_text()
         # Tensors follow their parameter's device: nothing is created on or moved to a named device.
         assert not re.search(r"""(device=|\.to\(|torch\.device\()\s*["'](cuda|mps|xpu)""", source), name

@@ -50,6 +50,17 @@ def test_two_ranks_match_one_process_split_the_state_and_reduce_once(tmp_path):
 
 
 @pytest.mark.slow
+def test_device_path_two_ranks_match_one_process_and_reduce_once(tmp_path):
+    """The device-resident step (backend="torch") sharded: its one collective completes the spanning blocks' sums
+    and the flags on the device (``comm.exchange``), and two ranks step as one unsharded process."""
+    launch("exact", tmp_path, 2, "empirical", "torch")
+    rank0, rank1 = results(tmp_path, "exact", 2)
+    assert rank0["relative_error"] <= 1e-5 and rank0["moved"] > 1.0
+    for r in (rank0, rank1):
+        assert r["all_reduces_per_step"] == [1] * 20
+
+
+@pytest.mark.slow
 def test_mc_curvature_two_ranks_match_one_process(tmp_path):
     """mc: each rank's vector of its half, taken w.r.t. FSDP2's unsharded parameters and reduce-scattered, is the
     whole batch's; labels are drawn per (step, half) alike on both sides. The gradients survive the extra pass."""

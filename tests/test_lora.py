@@ -89,13 +89,15 @@ def test_target_modules_matching_nothing_is_an_error():
 # -- the optimizer features behind the split ---------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", [None, "torch"])
 @pytest.mark.parametrize("curvature", ["mc", "empirical"])
-def test_joint_block_equals_one_concatenated_parameter(curvature):
+def test_joint_block_equals_one_concatenated_parameter(curvature, backend):
     gen = torch.Generator().manual_seed(0)
     a = torch.nn.Parameter(torch.randn(3, 5, generator=gen))
     b = torch.nn.Parameter(torch.randn(4, 2, generator=gen))
     flat = torch.nn.Parameter(torch.cat([a.detach().reshape(-1), b.detach().reshape(-1)]))
-    hp = dict(lr=1e-2, tau=3, damping=1e-3, rho=None, weight_decay=0.1, curvature=curvature, curvature_interval=2)
+    hp = dict(lr=1e-2, tau=3, damping=1e-3, rho=None, weight_decay=0.1, curvature=curvature, curvature_interval=2,
+              backend=backend)
     joint = Ginger([{"params": [a, b], "joint": True}], **hp)
     single = Ginger([flat], **hp)
     for _ in range(9):  # more refreshes than tau: truncation is exercised
@@ -114,11 +116,13 @@ def test_joint_block_equals_one_concatenated_parameter(curvature):
     assert b not in joint.state
 
 
-def test_adamw_group_matches_torch_adamw():
+@pytest.mark.parametrize("backend", [None, "torch"])  # "torch": the device path's masked AdamW
+def test_adamw_group_matches_torch_adamw(backend):
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(6, 4, generator=gen))
     ref = torch.nn.Parameter(w.detach().clone())
-    ours = Ginger([{"params": [w], "algorithm": "adamw"}], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    ours = Ginger([{"params": [w], "algorithm": "adamw"}], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
+                  backend=backend)
     torch_adamw = torch.optim.AdamW([ref], lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
     assert not ours.needs_curvature()  # mc mode, but AdamW groups never read curvature
     for _ in range(10):

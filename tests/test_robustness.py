@@ -86,7 +86,7 @@ def test_non_finite_gradient_skips_only_that_tensor(bad):
     assert torch.equal(poisoned.detach(), before_params[1])
     after = opt.state[poisoned]
     for key, value in before_state[1].items():
-        if key == "skipped":
+        if key in ("skipped", "clock"):  # the schedule's clock counts step() calls, skipped ones too
             assert after[key] == value + 1
         elif isinstance(value, torch.Tensor):
             assert torch.equal(after[key], value), key

@@ -157,6 +157,8 @@ def main():
     mode, out_dir = sys.argv[1], sys.argv[2]
     if len(sys.argv) > 3:
         HP["curvature"] = sys.argv[3]
+    if len(sys.argv) > 4:  # the step's implementation, e.g. "torch": the device-resident step
+        HP["backend"] = sys.argv[4]
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

@@ -1,0 +1,316 @@
+"""The device-resident Ginger step: passes, decisions, small solves and state updates on the parameter's device.
+
+Same contract as ``functional.ginger`` (the reference); the C++ kernel (``ginger_hf.kernel``) is its CPU
+sibling. Nothing in a step waits for the device: no ``.item()``, ``.tolist()``, ``bool(tensor)`` or
+device-to-host copy. Decisions are masks: a tensor whose gradient is not finite is written back unchanged
+through ``torch.where``, one whose curvature vector alone is not finite takes the keep step's values. The
+counters that follow those decisions are 0-d tensors on the device (``state_schema``); which tensors get a
+curvature vector is decided on the host by the schedule's clock. The host sends small per-tensor tables
+to the device (non-blocking copies, no synchronisation).
+
+Per device, the blocks of all tensors of one rank ``n`` are solved together: pass 1 writes every block's
+sums into one buffer per ``(n, refresh)`` group, the small float64 problems of the group run as one batch
+(``ginger_hf.solve``, Jacobi eigen-solves in ``ginger_hf.symeig``), and pass 2 reads its coefficient rows
+from one buffer. The passes run per tensor, in bounded chunks (eager) or as whole-tensor expressions
+(``compiled=True``: ``torch.compile``, fused kernels on GPUs).
+
+Precision: the small problems run in float64 on every device, the precision the dense-reference tests
+hold them to. They cost O(B n^3) per refresh (by count, some 4 GFLOP for T5-small's 99,808 row blocks
+at tau 4, most of it the Jacobi sweeps): little on a data-centre GPU; at a consumer GPU's 1/64-rate
+float64 it may show, which ``scripts/gpu_check.sh`` is there to measure (not yet run on a GPU).
+float32 would lose the in-span test's resolution (``solve.in_span_tolerance``: 1e-7 of ``|c|``).
+
+With ``stats`` (opt-in), the step's sums come to the host at the end: that reads the device (a sync).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .comm import exchange
+from .solve import Blocks, CoefLayout, StatsLayout, in_span_tolerance, solve_keep, solve_refresh
+from .state_schema import Hyper, device_counters
+from .step_batch import TensorView, view_of
+
+__all__ = ["ginger"]
+
+# Elements per chunk of the eager passes (temporaries are about (n + 4) * chunk float64).
+_CHUNK = {"cpu": 1 << 16}
+_CHUNK_DEFAULT = 1 << 22
+_SUMS = ("um", "mm", "gg", "gram", "uc", "cc", "cm")  # pass 1's sums, in _pass1_rows's order
+_REFRESH_COEFS = ("along", "v_c", "shift", "v_u")  # zero on a keep step
+
+
+def _chunks(t: TensorView):
+    """``(start, length)`` of row ranges and column ranges that keep a chunk near ``_CHUNK`` elements."""
+    size = _CHUNK.get(t.U.device.type, _CHUNK_DEFAULT)
+    rows = max(1, size // max(t.k, 1))
+    cols = min(t.k, size) or 1
+    for b0 in range(0, t.B, rows):
+        for k0 in range(0, max(t.k, 1), cols):
+            yield (b0, min(t.B, b0 + rows) - b0), (k0, min(t.k, k0 + cols) - k0)
+
+
+def _piece(x: Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """A chunk of a ``(B, k)`` (or ``(n, B, k)``) view: ``narrow``, not indexing, which fake devices refuse."""
+    return x.narrow(-2, *rows).narrow(-1, *cols)
+
+
+def _col(x: Tensor) -> Tensor:
+    return x.unsqueeze(-1)
+
+
+def _copy(dests, values) -> None:
+    """``dest.copy_(value)`` for each pair, as one foreach op (``Tensor.copy_`` also fails on fake devices)."""
+    torch._foreach_copy_(list(dests), list(values))
+
+
+def _pass1_rows(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -> tuple[Tensor, ...]:
+    """Pass 1's sums (``_SUMS``) of blocks ``(B, k)``, float64; reads only."""
+    mv = torch.lerp(m, g.to(m.dtype), w1).double()
+    Ud, gd = U.double(), g.double()
+    um, mm, gg = torch.einsum("ibk,bk->bi", Ud, mv), (mv * mv).sum(-1), (gd * gd).sum(-1)
+    if c is None:
+        return um, mm, gg
+    cd = c.double()
+    return (um, mm, gg, torch.einsum("ibk,jbk->bij", Ud, Ud), torch.einsum("ibk,bk->bi", Ud, cd),
+            (cd * cd).sum(-1), (cd * mv).sum(-1))
+
+
+def _pass2_rows(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, ok: Tensor,
+                fresh: Tensor | None, coefs: Tensor) -> Tensor:
+    """``m <- m'``, ``p <- p * decay - lr * clip(u)`` where ``ok``, ``U <- U - shift v^T`` where ``fresh``; in place.
+
+    ``coefs``: the blocks' rows of ``solve.CoefLayout``. Returns how many coordinates the clip cut (a device tensor)."""
+    dt = m.dtype
+    clay = CoefLayout(U.shape[0])
+    in_state = coefs.to(dt)  # one cast of the rows, not one per coefficient
+    scale, along, rho, v_c, a, shift, v_u = (clay.view(in_state, name)
+                                             for name in ("scale", "along", "rho", "v_c", "shrink", "shift", "v_u"))
+    in_param = in_state if p.dtype == dt else coefs.to(p.dtype)
+    lr, decay = clay.view(in_param, "lr"), clay.view(in_param, "decay")
+    mv = torch.lerp(m, g.to(dt), w1)
+    u = mv - torch.einsum("ibk,bi->bk", U, a)
+    if c is not None:
+        c = torch.where(_col(fresh), c.to(dt), 0)  # a refused (non-finite) vector is never read
+        v = torch.einsum("ibk,bi->bk", U, v_u) + _col(v_c) * c
+        u = u + _col(along) * v
+    u = u * _col(scale)
+    r = _col(rho)
+    keep = _col(ok)
+    clipped = ((u.abs() > r) & keep).sum()
+    u = torch.minimum(torch.maximum(u, -r), r)
+    writes = [(p, torch.where(keep, p * _col(decay) - _col(lr) * u.to(p.dtype), p)), (m, torch.where(keep, mv, m))]
+    if c is not None:
+        moved = U - _col(shift.T) * v.unsqueeze(0)
+        writes.append((U, torch.where(_col(fresh).unsqueeze(0), moved, U)))
+    _copy(*zip(*writes))
+    return clipped
+
+
+_compiled: dict[str, Any] = {}
+_compile_failed = False
+
+
+def _run_compiled(fn, *args):
+    """``torch.compile(fn)(*args)``; ``NotImplemented`` (warned once) where compiling fails, e.g. no Triton."""
+    global _compile_failed
+    if _compile_failed:
+        return NotImplemented
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    try:
+        return _compiled[fn.__name__](*args)
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as exc:  # before any write
+        _compile_failed = True
+        warnings.warn(f"ginger_hf: torch.compile of the Ginger passes failed ({type(exc).__name__}); "
+                      "using eager torch passes")
+        return NotImplemented
+
+
+def _pass1(t: TensorView, w1: float, layout: StatsLayout, out: Tensor, compiled: bool) -> None:
+    """Adds each block's sums to ``out`` ``(B, width)``."""
+    if compiled:
+        sums = _run_compiled(_pass1_rows, t.U, t.m, t.g, t.c, w1)
+        if sums is not NotImplemented:
+            for name, value in zip(_SUMS, sums):
+                _copy([layout.view(out, name)], [value])
+            return
+    for rows, cols in _chunks(t):
+        U, m, g, c = (None if x is None else _piece(x, rows, cols) for x in (t.U, t.m, t.g, t.c))
+        o = out.narrow(0, *rows)
+        for name, value in zip(_SUMS, _pass1_rows(U, m, g, c, w1)):
+            layout.view(o, name).add_(value)
+
+
+def _pass2(t: TensorView, w1: float, coefs: Tensor, ok: Tensor, fresh: Tensor | None, compiled: bool) -> Tensor:
+    if compiled:
+        clipped = _run_compiled(_pass2_rows, t.U, t.m, t.g, t.p, t.c, w1, ok, fresh, coefs)
+        if clipped is not NotImplemented:
+            return clipped
+    clipped = torch.zeros((), dtype=torch.int64, device=t.U.device)
+    for rows, cols in _chunks(t):
+        U, m, g, p, c = (None if x is None else _piece(x, rows, cols) for x in (t.U, t.m, t.g, t.p, t.c))
+        clipped += _pass2_rows(U, m, g, p, c, w1, ok.narrow(0, *rows), None if fresh is None else fresh.narrow(0, *rows),
+                               coefs.narrow(0, *rows))
+    return clipped
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host-built table (a list, or a list of rows) on ``device`` without a copy from the host (a blocking
+    one waits for the device): zeros plus one foreach add whose scalars travel as kernel arguments. On CPU the
+    host tensor is the table."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    rows = bool(values) and isinstance(values[0], (list, tuple))
+    flat = [x for row in values for x in row] if rows else list(values)
+    kind, cast = (torch.float64, float) if dtype.is_floating_point else (torch.int64, int)
+    out = torch.zeros((len(values), len(values[0])) if rows else (len(values),), dtype=kind, device=device)
+    torch._foreach_add_(list(out.view(-1).unbind()), [cast(x) for x in flat])
+    return out.to(dtype)
+
+
+def _table(views: list[TensorView], hypers: list[Hyper], lengths: list[int], device) -> dict[str, Tensor]:
+    """Per-tensor, host-known columns of the small solve and pass 2, on ``device``."""
+    names = ("beta2", "damping", "relative_damping", "power", "k", "tolerance", "bias_correction", "lr", "decay",
+             "rho")
+    rows = [[h.beta2, h.damping, h.relative_damping, h.power, k, in_span_tolerance(t.U.dtype),
+             float(h.bias_correction), h.lr, 1 - h.lr * h.weight_decay, float("inf") if h.rho is None else h.rho]
+            for t, h, k in zip(views, hypers, lengths)]
+    return dict(zip(names, _to_device(rows, torch.float64, device).unbind(1)))
+
+
+def _debias(table: dict[str, Tensor], states: list[dict[str, Any]], beta1: float) -> dict[str, Tensor]:
+    """The bias corrections after this step, from the device counters (read before they move)."""
+    t = torch.stack([st["step"] for st in states]).double() + 1
+    q = torch.stack([st["curvature_steps"] for st in states]).double()
+    beta2, on = table["beta2"], table["bias_correction"] > 0
+    one = torch.ones_like(t)
+    return dict(momentum_debias=1 - torch.pow(beta1, t), debias_e=torch.where(on, 1 - beta2.pow(t), one),
+                debias_keep=torch.where(on & (q > 0), 1 - beta2.pow(q), one),
+                debias_refresh=torch.where(on, 1 - beta2.pow(q + 1), one))
+
+
+def _count(states: list[dict[str, Any]], key: str, mask: Tensor) -> None:
+    """``state[key] += mask[i]`` for every tensor: one foreach op."""
+    torch._foreach_add_([st[key] for st in states], list(mask.long().unbind()))
+
+
+def _pick(mask: Tensor, a: Tensor, b) -> Tensor:
+    """``a`` in the blocks (rows) where ``mask``, else ``b``."""
+    return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def _solve_group(states, sizes, table, owner, ok_b, sel, lay: StatsLayout, S: Tensor) -> tuple[Tensor, dict]:
+    """The small problems of one ``(n, refresh)`` group of blocks: writes the new ``s``, ``R``, ``e`` where the
+    decisions allow, and returns pass 2's coefficient rows and the solve's outputs. ``sel``: the blocks that
+    refresh (``None`` in a keep group); the others of a refresh group take the keep step's values."""
+    clay = CoefLayout(lay.n)
+    small = {name: torch.cat([st[name] for st in states]) for name in ("s", "R", "e")}
+    column = {name: table[name].index_select(0, owner) for name in table}
+    bl = Blocks(**small, k=column["k"], beta2=column["beta2"], damping=column["damping"],
+                relative_damping=column["relative_damping"], power=column["power"], debias=column["debias_keep"],
+                debias_e=column["debias_e"], momentum_debias=column["momentum_debias"], tolerance=column["tolerance"])
+    out = solve_keep(bl, lay, S)
+    new = {"e": torch.where(ok_b, out["e"], bl.e)}
+    if sel is not None:
+        ref = solve_refresh(replace(bl, debias=column["debias_refresh"]), lay, S)
+        for name in ("scale", "shrink", "update_sq", "span_sq"):
+            out[name] = _pick(sel, ref[name], out[name])
+        for name in _REFRESH_COEFS:
+            out[name] = _pick(sel, ref[name], 0.0)
+        new["s"], new["R"] = _pick(sel, ref["s"], bl.s), _pick(sel, ref["R"], bl.R)
+    C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64, device=S.device)
+    names = ("scale", "shrink") + (_REFRESH_COEFS if sel is not None else ())
+    _copy([clay.view(C, name) for name in names + ("lr", "decay", "rho")],
+          [out[name] for name in names] + [column[name] for name in ("lr", "decay", "rho")])
+    _copy([st[name] for name in new for st in states], [x for value in new.values() for x in value.split(sizes)])
+    return C, out
+
+
+def ginger(params: list[Tensor], grads: list[Tensor], curvatures: list[Tensor | None], states: list[dict[str, Any]],
+           hypers: list[Hyper], *, beta1: float, compiled: bool = False, stats: dict[str, float] | None = None,
+           spans: list[bool] | None = None, group=None, block_lengths: list[int] | None = None,
+           gate: Tensor | None = None) -> None:
+    """One Ginger step for a list of tensors, in place, on their devices; see ``fused.ginger`` for the arguments.
+
+    ``gate`` (a 0-d bool tensor, optional): where False, nothing moves, counters included (the first step of a
+    fresh optimizer with all-zero gradients only creates the state: ``Ginger._only_initializing``).
+    """
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(params):
+        by_device.setdefault(p.device, []).append(i)
+    for device, idx in by_device.items():
+        views = [view_of(params[i], grads[i], curvatures[i], states[i], "torch") for i in idx]
+        lengths = [t.k for t in views] if block_lengths is None else [block_lengths[i] for i in idx]
+        _step(views, [states[i] for i in idx], [hypers[i] for i in idx], beta1, compiled, stats,
+              None if spans is None else [spans[i] for i in idx], group, lengths, gate)
+
+
+def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, gate) -> None:
+    device = views[0].U.device
+    w1 = 1 - beta1
+    for st in states:
+        device_counters(st, device)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, t in enumerate(views):
+        groups.setdefault((t.n, t.c is not None), []).append(i)
+    layouts = {n: StatsLayout(n) for n, _ in groups}
+
+    # pass 1: every block's sums, one buffer per group
+    sums: list[Tensor | None] = [None] * len(views)
+    buffers, owners = {}, {}
+    for key, idx in groups.items():
+        sizes = [views[i].B for i in idx]
+        S = buffers[key] = torch.zeros(sum(sizes), layouts[key[0]].width, dtype=torch.float64, device=device)
+        owners[key] = torch.repeat_interleave(_to_device(idx, torch.int64, device),
+                                              _to_device(sizes, torch.int64, device), output_size=sum(sizes))
+        for i, part in zip(idx, S.split(sizes)):
+            sums[i] = part
+            _pass1(views[i], w1, layouts[key[0]], part, compiled)
+
+    # the decisions, as masks: m'.m' and c.c are float64 sums of exact squares, finite iff every element is
+    flags = torch.zeros(len(views), 2, dtype=torch.float64, device=device)
+    for (n, _), idx in groups.items():
+        S, lay = buffers[(n, _)], layouts[n]
+        squares = torch.stack([lay.view(S, "mm"), lay.view(S, "cc")], 1)
+        flags.index_add_(0, owners[(n, _)], torch.logical_not(torch.isfinite(squares)).double())
+    if group is not None:
+        exchange(sums, flags, spans, group)
+    ok, c_ok = flags.select(1, 0) == 0, flags.select(1, 1) == 0
+    live = torch.ones_like(ok) if gate is None else gate.expand_as(ok)
+    has_c = _to_device([t.c is not None for t in views], torch.bool, device)
+    applied = ok & live
+    refreshed = applied & c_ok & has_c
+
+    # the small problems, batched per group; then the counters move
+    table = _table(views, hypers, lengths, device)
+    table.update(_debias(table, states, beta1))
+    _count(states, "step", applied)
+    _count(states, "skipped", torch.logical_not(ok) & live)
+    _count(states, "curvature_steps", refreshed)
+    _count(states, "curvature_skipped", applied & has_c & torch.logical_not(c_ok))
+    clipped = torch.zeros((), dtype=torch.int64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    for (n, fresh), idx in groups.items():
+        owner, sizes = owners[(n, fresh)], [views[i].B for i in idx]
+        ok_b = applied.index_select(0, owner)
+        sel = refreshed.index_select(0, owner) if fresh else None
+        C, out = _solve_group([states[i] for i in idx], sizes, table, owner, ok_b, sel, layouts[n], buffers[(n, fresh)])
+        if stats is not None:
+            gg = layouts[n].view(buffers[(n, fresh)], "gg")
+            totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], gg]), 0).sum(1)
+        for i, coefs, ok_t, fresh_t in zip(idx, C.split(sizes), ok_b.split(sizes),
+                                           sel.split(sizes) if fresh else [None] * len(idx)):
+            clipped += _pass2(views[i], w1, coefs, ok_t, fresh_t, compiled)
+    if stats is not None:  # opt-in: reads the device
+        numel = (applied.double() * _to_device([t.p.numel() for t in views], torch.float64, device)).sum()
+        for key, value in zip(("update_sq", "span_sq", "grad_sq"), totals.tolist()):
+            stats[key] = stats.get(key, 0.0) + value
+        stats["clipped"] = stats.get("clipped", 0) + int(clipped)
+        stats["numel"] = stats.get("numel", 0) + int(numel)
