@@ -156,26 +156,46 @@ void rank_one_eigh(int m, const double* d, const double* z, double rho, double* 
     }
     const int p1 = root, p2 = last ? -1 : root + 1;  // the poles around the root, multiplied out
     const double a1 = pole[p1] - pole[o], a2 = last ? 0.0 : pole[p2] - pole[o];
-    double t = (lo + hi) / 2;
+    // Start where g is zero with the other poles' sum H frozen at the interval's middle (a quadratic).
+    const double probe = last ? hi : (a1 + a2) / 2;
+    double H0 = 1;
+    for (int a = 0; a < K; ++a)
+      if (a != p1 && a != p2) H0 += w2[a] / ((pole[a] - pole[o]) - probe);
+    double t = (lo + hi) / 2, guess = t;
+    if (last) {
+      guess = H0 > 0 ? w2[p1] / H0 : t;
+    } else {  // H0 (a1 - t)(a2 - t) + w1 (a2 - t) + w2 (a1 - t) = A t^2 + B t + C
+      const double A = H0, B = -(H0 * (a1 + a2) + w2[p1] + w2[p2]), C = H0 * a1 * a2 + w2[p1] * a2 + w2[p2] * a1;
+      const double disc = B * B - 4 * A * C;
+      if (disc >= 0) {
+        const double q = -(B + std::copysign(std::sqrt(disc), B)) / 2;
+        const double x1 = A != 0 ? q / A : -C / B, x2 = q != 0 ? C / q : x1;
+        guess = x1 > lo && x1 < hi ? x1 : x2;
+      }
+    }
+    if (guess > lo && guess < hi) t = guess;
     for (int it = 0; it < 100; ++it) {
       // g = f (a1 - t) (a2 - t) (without the second factor for the last root): decreasing through the bracket.
-      double H = 1, dH = 0;
+      double H = 1, dH = 0, Habs = 1;
       for (int a = 0; a < K; ++a) {
         if (a == p1 || a == p2) continue;
         const double q = 1 / ((pole[a] - pole[o]) - t);
         H += w2[a] * q;
+        Habs += std::fabs(w2[a] * q);
         dH += w2[a] * q * q;
       }
-      double g, dg;
+      double g, dg, err;  // err: g's rounding error, below which its sign says nothing
       if (last) {
         g = (a1 - t) * H + w2[p1];
         dg = -H + (a1 - t) * dH;
+        err = std::fabs(a1 - t) * Habs + w2[p1];
       } else {
         const double P = (a1 - t) * (a2 - t);
         g = P * H + w2[p1] * (a2 - t) + w2[p2] * (a1 - t);
         dg = (2 * t - a1 - a2) * H + P * dH - w2[p1] - w2[p2];
+        err = std::fabs(P) * Habs + w2[p1] * std::fabs(a2 - t) + w2[p2] * std::fabs(a1 - t);
       }
-      if (g == 0) break;
+      if (std::fabs(g) <= (K + 2) * eps * err) break;
       if (g > 0) lo = t; else hi = t;
       double next = dg < 0 ? t - g / dg : (lo + hi) / 2;
       if (!(next > lo && next < hi)) next = (lo + hi) / 2;
