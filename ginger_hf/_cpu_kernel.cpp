@@ -145,7 +145,7 @@ constexpr int kCacheLine = 64;
 inline void prefetch(const void* p, int64_t bytes, bool write) {
   const char* c = (const char*)p;
   for (int64_t x = 0; x < bytes; x += kCacheLine) {
-    if (write) __builtin_prefetch(c + x, 1, 2);
+    if (write) __builtin_prefetch(c + x, 1, 2);  // into L2: the block after this one
     else __builtin_prefetch(c + x, 0, 2);
   }
 }
@@ -301,7 +301,6 @@ template <class S, class P> struct Step {
 // The C entry points. Return 0 on success, 1 for an unknown dtype code, 2 for a rank out of range.
 extern "C" {
 int ginger_abi_version() { return kAbiVersion; }
-int ginger_max_rank() { return kMaxRank; }
 
 // diag(d) + rho z z^T (m x m) = V diag(lam) V^T, lam ascending (rank_one_eigh: the refresh's eigenproblem).
 int ginger_rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {

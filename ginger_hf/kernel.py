@@ -54,12 +54,12 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build(fresh: bool = False) -> ctypes.CDLL | None:
+def _build() -> ctypes.CDLL | None:
     """Compile ``_cpu_kernel.cpp`` once per source/interface/compiler/CPU and load it; ``None`` if impossible.
 
-    The interface header is generated from ``kernel_interface`` into the build directory. A library whose
-    compiled ``kAbiVersion`` is not ``kernel_interface.ABI_VERSION`` (a stale or foreign build) is rebuilt
-    once (``fresh``), then refused with an error."""
+    The interface header is generated from ``kernel_interface`` into the build directory, so the library's
+    name changes with the interface; one whose compiled ``kAbiVersion`` is not ``kernel_interface.ABI_VERSION``
+    anyway (a stale or foreign file) is refused with an error naming it."""
     if os.environ.get("GINGER_HF_KERNEL", "1") == "0" or not _SOURCE.exists():
         return None
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -80,8 +80,6 @@ def _build(fresh: bool = False) -> ctypes.CDLL | None:
     texts = [_SOURCE.read_text(), *(h.read_text() for h in _HEADERS), header]
     key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(flags), cpu]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"ginger_cpu_{key}.so"
-    if fresh and lib.exists():
-        lib.unlink()
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
@@ -101,14 +99,11 @@ def _build(fresh: bool = False) -> ctypes.CDLL | None:
     dll = ctypes.CDLL(str(lib))
     built = dll.ginger_abi_version() if hasattr(dll, "ginger_abi_version") else None
     if built != _abi.ABI_VERSION:
-        if not fresh:
-            return _build(fresh=True)
-        raise RuntimeError(f"ginger_hf: the CPU kernel at {lib} has interface version {built}, this package needs "
-                           f"{_abi.ABI_VERSION}; delete it (or set GINGER_HF_KERNEL=0)")
+        raise RuntimeError(f"the CPU kernel at {lib} has interface version {built}, this package needs "
+                           f"{_abi.ABI_VERSION}: delete the file to rebuild it")
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.ginger_pass1.argtypes = [i, i, i, i, p, p, f, p, p, i]
     dll.ginger_pass2.argtypes = [i, i, i, i, p, p, f, p, p, i, p]
-    dll.ginger_max_rank.restype = i
     dll.ginger_solve_refresh.argtypes = [i, i, p, p, p, p, p, p, p, p, i]
     dll.ginger_solve_keep.argtypes = [i, i, p, p, p, p, p, p, p, p]
     dll.ginger_step.argtypes = [i, i, i, i, p, p, f, p, p, p, p, i, p]
@@ -147,8 +142,8 @@ def why_not(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> str
         return f"the C++ kernel takes float32/bfloat16, not parameters {p.dtype} with state {m.dtype}"
     if not all(t.is_contiguous() for t in (p, m, U)):
         return "the C++ kernel needs contiguous tensors"
-    if U.shape[0] > lib.ginger_max_rank():
-        return f"the C++ kernel takes ranks up to {lib.ginger_max_rank()}, not {U.shape[0]}"
+    if U.shape[0] > _abi.MAX_RANK:
+        return f"the C++ kernel takes ranks up to {_abi.MAX_RANK}, not {U.shape[0]}"
     return None
 
 

@@ -118,3 +118,27 @@ def test_rank_one_eigh_rejects_bad_sizes():
         kernel.rank_one_eigh(torch.zeros(66), torch.zeros(66), 0.1)
     with pytest.raises(ValueError, match="rho >= 0"):
         kernel.rank_one_eigh(torch.zeros(3), torch.zeros(3), -1.0)
+
+
+def test_kernel_with_another_interface_version_is_refused(monkeypatch):
+    """A library whose compiled interface version is not the package's is refused, naming the file."""
+    from ginger_hf import kernel_interface
+
+    class Stale:
+        def ginger_abi_version(self):
+            return kernel_interface.ABI_VERSION - 1
+
+    monkeypatch.setattr(kernel.ctypes, "CDLL", lambda path: Stale())
+    with pytest.raises(RuntimeError, match=r"ginger_cpu_\w+\.so has interface version .* delete the file"):
+        kernel._build()
+
+
+def test_interface_header_names_every_field():
+    """The generated C++ header holds each record's fields by name, in the Python order, and the rank limit."""
+    from ginger_hf import kernel_interface
+
+    header = kernel_interface.cpp_header()
+    for record, fields in kernel_interface.RECORDS.items():
+        assert f"namespace {record} {{ enum : int {{ {', '.join(fields)}, count }}; }}" in header
+    assert f"constexpr int kMaxRank = {kernel_interface.MAX_RANK};" in header
+    assert kernel_interface.RECORDS["Param"][: len(solve.SOLVE_PARAMS)] == solve.SOLVE_PARAMS
