@@ -138,33 +138,12 @@ struct StepBlock {
   int64_t b;  // block index in its tensor
 };
 
-// Ask for the lines of [p, p + bytes) ahead of their use (write: they will be written). A block's rows
-// lie in n + 4 streams far apart, too short for the hardware prefetchers to run ahead: without this the
-// passes wait on memory (a keep step took 5x its memory floor).
-constexpr int kCacheLine = 64;
-inline void prefetch(const void* p, int64_t bytes, bool write) {
-  const char* c = (const char*)p;
-  for (int64_t x = 0; x < bytes; x += kCacheLine) {
-    if (write) __builtin_prefetch(c + x, 1, 2);  // into L2: the block after this one
-    else __builtin_prefetch(c + x, 0, 2);
-  }
-}
-template <class S, class P>
-void prefetch_block(int n, const int64_t* T, int64_t bi, bool refresh) {
-  const int64_t B = T[TensorRow::B], k = T[TensorRow::k], off = bi * k;
-  for (int j = 0; j < n; ++j) prefetch((const S*)T[TensorRow::U] + j * B * k + off, k * sizeof(S), refresh);
-  prefetch((const S*)T[TensorRow::m] + off, k * sizeof(S), true);
-  prefetch((const P*)T[TensorRow::g] + off, k * sizeof(P), false);
-  prefetch((const P*)T[TensorRow::p] + off, k * sizeof(P), true);
-  if (refresh) prefetch((const P*)T[TensorRow::c] + off, k * sizeof(P), false);
-}
-
 template <class S, class P>
 int64_t step_block(int n, const int64_t* T, int64_t bi, bool refresh, const double* prm_in, float w1,
                    const StatsView& sv, const CoefView& cv, Scratch& sc1, Scratch& sc2, std::vector<double>& wide,
                    double* stats, double* co, float* cf, double* res) {
   const int64_t B = T[TensorRow::B], k = T[TensorRow::k];
-  Block b{k, refresh, B * k};
+  Block b{k, refresh, B * k, k};  // ask for the next block (the next row) while this one is worked on
   const int64_t off = bi * k;
   S* U = (S*)T[TensorRow::U] + off;
   S* m = (S*)T[TensorRow::m] + off;
@@ -249,7 +228,7 @@ int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* pa
     }
   auto steps = [&](int t) { return finite[Finite::count * t + Finite::grad] != 0; };
   auto refreshes = [&](int t) { return row(t)[TensorRow::refresh] && finite[Finite::count * t + Finite::curvature]; };
-  // Phase 2: the step of every block of the tensors that take one, the next block's data asked for ahead.
+  // Phase 2: the step of every block of the tensors that take one.
   std::vector<int64_t> clipped(nt, 0);
   run_threads(nt, [&](int t) {
     Scratch sc1(n + 4), sc2(7);
@@ -263,8 +242,6 @@ int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* pa
         res[Result::untouched] = 1;
         continue;
       }
-      if (i + 1 < edge[t + 1] && steps(blocks[i + 1].tensor))
-        prefetch_block<S, P>(n, row(blocks[i + 1].tensor), blocks[i + 1].b, refreshes(blocks[i + 1].tensor));
       clipped[t] += step_block<S, P>(n, row(tensor), blocks[i].b, refreshes(tensor),
                                      params + (int64_t)Param::count * tensor, w1, sv, cv, sc1, sc2, wide,
                                      stats.data(), co.data(), cf.data(), res);

@@ -89,10 +89,23 @@ inline vf lerp(vf m, vf g, float w1) {
   return is_bf16<S>() ? round_bf16(r) : r;
 }
 
-// One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given.
+// One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given; ahead: how far
+// past each chunk to ask memory for the data of later work (0: leave it to the hardware).
 struct Block {
-  int64_t k, refresh, ustride;
+  int64_t k, refresh, ustride, ahead;
 };
+
+// Ask for the lines of [p, p + bytes) ahead of their use, into L2 (write: they will be written). A row
+// block's data lies in n + 4 streams far apart, each too short for the hardware prefetchers to run ahead:
+// the whole step asks for the next block's chunk while it works on this one's.
+constexpr int kCacheLine = 64;
+inline void prefetch(const void* p, int64_t bytes, bool write) {
+  const char* c = (const char*)p;
+  for (int64_t x = 0; x < bytes; x += kCacheLine) {
+    if (write) __builtin_prefetch(c + x, 1, 2);
+    else __builtin_prefetch(c + x, 0, 2);
+  }
+}
 std::vector<Block> block_rows(int nb, const int64_t* rows) {  // from BlockRow rows
   std::vector<Block> out(nb);
   for (int i = 0; i < nb; ++i, rows += BlockRow::count)
@@ -182,6 +195,12 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
   const double* ud[kMaxRank];
   for (int64_t xb = x0; xb < x1; xb += CHUNK) {
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
+    if (b.ahead) {
+      for (int j = 0; j < n; ++j) prefetch(U + j * b.ustride + xb + b.ahead, L * sizeof(S), R);
+      prefetch(m + xb + b.ahead, L * sizeof(S), true);
+      prefetch(g + xb + b.ahead, L * sizeof(P), false);
+      if (R) prefetch(c + xb + b.ahead, L * sizeof(P), false);
+    }
     for (int j = 0; j < n; ++j) u[j] = src(U + j * b.ustride + xb, sc.at(j), L);
     const float* mi = src(m + xb, sc.at(n), L);
     const float* gi = src(g + xb, sc.at(n + 1), L);
@@ -231,6 +250,7 @@ int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, f
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
     const float* mi = src(m + xb, sc.at(0), L);
     const float* gi = src(g + xb, sc.at(1), L);
+    if (b.ahead) prefetch(p + xb + b.ahead, L * sizeof(P), true);
     const float* pi = src(p + xb, sc.at(2), L);
     const float* ci = R ? src(c + xb, sc.at(3), L) : nullptr;
     float* dir = sc.at(4);
