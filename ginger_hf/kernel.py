@@ -4,7 +4,9 @@
 into ``~/.cache/ginger_hf`` (or ``$GINGER_HF_CACHE``) the first time it is needed (30-45 s;
 ``scripts/setup.sh`` does it ahead). ``GINGER_HF_KERNEL=0`` turns it off; without a
 compiler the eager torch passes run instead. One call per pass covers every block of a
-dtype pair, split over ``torch.get_num_threads()`` threads. Any rank works.
+dtype pair, split over ``torch.get_num_threads()`` threads. Any rank up to ``MAX_RANK`` works.
+The tables passed to the kernel are built by field name from ``kernel_interface``, whose C++
+header the build generates; a library of another interface version is refused at load.
 
 ``step`` runs a whole step in one call (``ginger_hf.fused`` uses it for many small blocks); the
 two passes and the batched solves between them (``pass1``, ``solve_refresh``/``solve_keep``,
