@@ -35,7 +35,7 @@ from . import device_step
 from . import functional as F
 from . import kernel as _kernel
 from .comm import exchange
-from .solve import Blocks, CoefLayout, StatsLayout, in_span_tolerance
+from .solve import SOLVE_PARAMS, Blocks, CoefLayout, StatsLayout, solve_params
 from .state_schema import Hyper, host_counters
 from .step_batch import view_of
 
@@ -130,11 +130,10 @@ def _whole_step(views, states, hypers, layouts, beta1: float, lengths, stats) ->
     """The step as one kernel call per dtype pair and rank (``kernel.step``): each block's two passes and solve
     at once, while the block is in cache. The kernel takes ``_decide``'s decisions itself, from the inputs."""
     jobs = []
-    at = _kernel.SOLVE_PARAMS.index("debias")
     for t, st, h, k in zip(views, states, hypers, lengths):
         q, n = st["curvature_steps"], st["step"] + 1  # the counters once the tensor steps (and refreshes)
-        keep = _solve_params(h, n, q, beta1, k, t.U.dtype)
-        row = _solve_params(h, n, q + 1, beta1, k, t.U.dtype) + _update_params(h) + [keep[at]]
+        row = dict(zip(SOLVE_PARAMS, solve_params(h, n, q + 1, beta1, k, t.U.dtype)), **_update_params(h))
+        row["debias_keep"] = solve_params(h, n, q, beta1, k, t.U.dtype)[SOLVE_PARAMS.index("debias")]
         jobs.append((t, st, row))
     results, finite, clipped = _kernel.step(jobs, 1 - beta1, layouts, {n: CoefLayout(n) for n in layouts})
     for t, st, (g_ok, c_ok) in zip(views, states, finite):  # the counters, as _decide keeps them
@@ -231,7 +230,8 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
         sizes = [views[i].B for i in idx]
         owner = _kernel.block_owner(tuple(sizes))
         bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, owner, beta1, [lengths[i] for i in idx])
-        lr, decay, rho = torch.tensor([_update_params(hypers[i]) for i in idx], dtype=torch.float64)[owner].unbind(1)
+        lr, decay, rho = torch.tensor([list(_update_params(hypers[i]).values()) for i in idx],
+                                      dtype=torch.float64)[owner].unbind(1)
         S = _stacked([sums[i] for i in idx])
         out = (_kernel.solve_refresh if fresh else _kernel.solve_keep)(bl, layout, clay, S)
         C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64)
@@ -267,28 +267,19 @@ def _pass2(views, coefs, rotate, applied, w1: float, count_clipped: bool) -> int
     return count if count_clipped else 0
 
 
-def _solve_params(h: Hyper, t: int, q: int, beta1: float, k: int, dtype: torch.dtype) -> list[float]:
-    """One tensor's parameters of the small solve, in ``kernel.SOLVE_PARAMS`` order, after step ``t`` with ``q``
-    refreshes (block length ``k``, state dtype ``dtype``)."""
-    return [h.beta2, h.damping, h.relative_damping, h.power,
-            1 - h.beta2**q if h.bias_correction and q > 0 else 1.0,  # debias of s
-            k, 1 - beta1**t, in_span_tolerance(dtype),
-            1 - h.beta2**t if h.bias_correction and t > 0 else 1.0]  # debias of e
-
-
-def _update_params(h: Hyper) -> list[float]:
+def _update_params(h: Hyper) -> dict[str, float]:
     """Pass 2's per-tensor coefficients: lr, decay (``1 - lr * weight_decay``), rho."""
-    return [h.lr, 1 - h.lr * h.weight_decay, math.inf if h.rho is None else h.rho]
+    return dict(lr=h.lr, decay=1 - h.lr * h.weight_decay, rho=math.inf if h.rho is None else h.rho)
 
 
 def _gather_blocks(idx, views, states, hypers, small, owner, beta1, lengths) -> Blocks:
     """The small solve's inputs for tensors ``idx`` (their blocks stacked; ``owner``: each block's place in
     ``idx``), from host copies ``small``."""
-    table = torch.tensor([_solve_params(h, states[i]["step"], states[i]["curvature_steps"], beta1, k, views[i].U.dtype)
+    table = torch.tensor([solve_params(h, states[i]["step"], states[i]["curvature_steps"], beta1, k, views[i].U.dtype)
                           for i, h, k in zip(idx, hypers, lengths)], dtype=torch.float64)[owner]
     return Blocks(s=torch.cat([small[i][0] for i in idx]), R=torch.cat([small[i][1] for i in idx]),
                   e=torch.cat([small[i][2] for i in idx]),
-                  **{name: column for name, column in zip(_kernel.SOLVE_PARAMS, table.unbind(1))})
+                  **{name: column for name, column in zip(SOLVE_PARAMS, table.unbind(1))})
 
 
 def _add_stats(stats: dict[str, float], out: dict[str, Tensor], layout: StatsLayout, S: Tensor) -> None:

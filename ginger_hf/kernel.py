@@ -4,7 +4,9 @@
 into ``~/.cache/ginger_hf`` (or ``$GINGER_HF_CACHE``) the first time it is needed (30-45 s;
 ``scripts/setup.sh`` does it ahead). ``GINGER_HF_KERNEL=0`` turns it off; without a
 compiler the eager torch passes run instead. One call per pass covers every block of a
-dtype pair, split over ``torch.get_num_threads()`` threads. Any rank works.
+dtype pair, split over ``torch.get_num_threads()`` threads. Any rank up to ``MAX_RANK`` works.
+The tables passed to the kernel are built by field name from ``kernel_interface``, whose C++
+header the build generates; a library of another interface version is refused at load.
 
 ``step`` runs a whole step in one call (``ginger_hf.fused`` uses it for many small blocks); the
 two passes and the batched solves between them (``pass1``, ``solve_refresh``/``solve_keep``,
@@ -30,15 +32,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import kernel_interface as _abi
+from .kernel_interface import RECORDS, REFRESH_OUT, refresh_out
+from .solve import SOLVE_PARAMS
+
 __all__ = ["available", "applies", "why_not", "pass1", "pass2", "solve_refresh", "solve_keep", "step",
-           "takes_whole_step"]
+           "takes_whole_step", "SOLVE_PARAMS"]
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
+_HEADERS = (Path(__file__).with_name("_cpu_solve.h"), Path(__file__).with_name("_cpu_passes.h"))  # included by the source, beside it
 # Below this many elements in a call, one thread does the whole pass.
 _SERIAL_ELEMENTS = 1 << 16
-_STATS = ("gram", "uc", "um", "cc", "cm", "mm", "gg")  # the order the kernel's StatsView reads
-_COEFS = ("scale", "along", "lr", "decay", "rho", "v_c", "shrink", "shift", "v_u")  # ... and its CoefView
 _lib = None
 _tried = False
 _lock = threading.Lock()
@@ -52,7 +57,11 @@ def _cache_dir() -> Path:
 
 
 def _build() -> ctypes.CDLL | None:
-    """Compile ``_cpu_kernel.cpp`` once per source/compiler/CPU and load it; ``None`` if impossible."""
+    """Compile ``_cpu_kernel.cpp`` once per source/interface/compiler/CPU and load it; ``None`` if impossible.
+
+    The interface header is generated from ``kernel_interface`` into the build directory, so the library's
+    name changes with the interface; one whose compiled ``kAbiVersion`` is not ``kernel_interface.ABI_VERSION``
+    anyway (a stale or foreign file) is refused with an error naming it."""
     if os.environ.get("GINGER_HF_KERNEL", "1") == "0" or not _SOURCE.exists():
         return None
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
@@ -69,14 +78,19 @@ def _build() -> ctypes.CDLL | None:
         cpu = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, " ".join(flags), cpu]).encode()).hexdigest()[:16]
+    header = _abi.cpp_header()
+    texts = [_SOURCE.read_text(), *(h.read_text() for h in _HEADERS), header]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(flags), cpu]).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"ginger_cpu_{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cxx, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as include:
+                Path(include, "ginger_interface.h").write_text(header)
+                proc = subprocess.run([cxx, *flags, "-I", include, str(_SOURCE), "-o", tmp], capture_output=True,
+                                      text=True)
             if proc.returncode != 0:
                 warnings.warn(f"ginger_hf: could not build the CPU kernel, using the torch path:\n{proc.stderr[-2000:]}")
                 return None
@@ -85,13 +99,17 @@ def _build() -> ctypes.CDLL | None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     dll = ctypes.CDLL(str(lib))
+    built = dll.ginger_abi_version() if hasattr(dll, "ginger_abi_version") else None
+    if built != _abi.ABI_VERSION:
+        raise RuntimeError(f"the CPU kernel at {lib} has interface version {built}, this package needs "
+                           f"{_abi.ABI_VERSION}: delete the file to rebuild it")
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     dll.ginger_pass1.argtypes = [i, i, i, i, p, p, f, p, p, i]
     dll.ginger_pass2.argtypes = [i, i, i, i, p, p, f, p, p, i, p]
-    dll.ginger_max_rank.restype = i
-    dll.ginger_solve_refresh.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p, i]
-    dll.ginger_solve_keep.argtypes = [i, i, p, p, p, p, p, p, p, ctypes.c_int64, p]
+    dll.ginger_solve_refresh.argtypes = [i, i, p, p, p, p, p, p, p, p, i]
+    dll.ginger_solve_keep.argtypes = [i, i, p, p, p, p, p, p, p, p]
     dll.ginger_step.argtypes = [i, i, i, i, p, p, f, p, p, p, p, i, p]
+    dll.ginger_rank_one_eigh.argtypes = [i, p, p, ctypes.c_double, p, p]
     return dll
 
 
@@ -126,13 +144,13 @@ def why_not(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> str
         return f"the C++ kernel takes float32/bfloat16, not parameters {p.dtype} with state {m.dtype}"
     if not all(t.is_contiguous() for t in (p, m, U)):
         return "the C++ kernel needs contiguous tensors"
-    if U.shape[0] > lib.ginger_max_rank():
-        return f"the C++ kernel takes ranks up to {lib.ginger_max_rank()}, not {U.shape[0]}"
+    if U.shape[0] > _abi.MAX_RANK:
+        return f"the C++ kernel takes ranks up to {_abi.MAX_RANK}, not {U.shape[0]}"
     return None
 
 
 def applies(p: Tensor, m: Tensor, U: Tensor, g: Tensor, c: Tensor | None) -> bool:
-    """Whether the kernel can run this tensor's passes (CPU, float32/bfloat16, contiguous, rank <= 64)."""
+    """Whether the kernel can run this tensor's passes (CPU, float32/bfloat16, contiguous, rank <= ``MAX_RANK``)."""
     return why_not(p, m, U, g, c) is None
 
 
@@ -170,8 +188,8 @@ def _blocks(shapes: tuple[tuple[int, int], ...], refresh: tuple[bool, ...]) -> t
 @functools.lru_cache(maxsize=256)
 def _block_rows(shapes: tuple[tuple[int, int], ...], refresh: tuple[bool, ...]) -> Tensor:
     ix = _index(shapes)
-    flags = torch.tensor(refresh, dtype=torch.int64)[ix.owner]
-    return torch.stack([ix.k, flags, ix.ustride], 1).contiguous()
+    columns = dict(k=ix.k, refresh=torch.tensor(refresh, dtype=torch.int64)[ix.owner], ustride=ix.ustride)
+    return torch.stack([columns[name] for name in RECORDS["BlockRow"]], 1).contiguous()
 
 
 def _shapes(jobs) -> tuple[tuple[int, int], ...]:
@@ -187,10 +205,6 @@ def _pointers(jobs, names: tuple[str, ...]) -> Tensor:
     step = torch.tensor([[0 if x is None else job[0].k * x.element_size() for x in row] for job, row in zip(jobs, xs)],
                         dtype=torch.int64)
     return (base[ix.owner] + ix.local[:, None] * step[ix.owner]).contiguous()
-
-
-_PASS1 = ("U", "m", "g", "c")  # the kernel's per-block pointer order in pass 1
-_PASS2 = ("U", "m", "g", "p", "c")  # ... and in pass 2
 
 
 _WORKSPACE: dict[tuple, Tensor] = {}
@@ -228,9 +242,9 @@ def pass1(jobs, w1: float, layouts) -> None:
     for (sdt, pdt, n), group in _groups(jobs):
         layout = layouts[n]
         blocks, nt = _blocks(_shapes(group), tuple(t.c is not None for t, _ in group))
-        ptrs = _pointers(group, _PASS1)
+        ptrs = _pointers(group, RECORDS["Pass1Ptr"])
         out = workspace(f"pass1 {sdt} {pdt} {n}", blocks.shape[0], layout.width)
-        offsets = _offsets(layout, _STATS)
+        offsets = _offsets(layout, "StatsAt")
         rc = lib.ginger_pass1(sdt, pdt, n, blocks.shape[0], blocks.data_ptr(), ptrs.data_ptr(), w1, out.data_ptr(),
                               offsets.data_ptr(), nt)
         if rc != 0:
@@ -246,9 +260,9 @@ def pass2(jobs, w1: float, layouts) -> int:
     for (sdt, pdt, n), group in _groups(jobs):
         lay = layouts[n]
         blocks, nt = _blocks(_shapes(group), tuple(bool(r) for _, _, r in group))
-        ptrs = _pointers(group, _PASS2)
+        ptrs = _pointers(group, RECORDS["Pass2Ptr"])
         coefs = torch.cat([c for _, c, _ in group]).to(torch.float32).contiguous()
-        offsets = _offsets(lay, _COEFS)
+        offsets = _offsets(lay, "CoefAt")
         count = ctypes.c_int64(0)
         rc = lib.ginger_pass2(sdt, pdt, n, blocks.shape[0], blocks.data_ptr(), ptrs.data_ptr(), w1, coefs.data_ptr(),
                               offsets.data_ptr(), nt, ctypes.byref(count))
@@ -261,7 +275,6 @@ def pass2(jobs, w1: float, layouts) -> int:
 # A whole step in one call (``step``) deals whole blocks to threads: it is used when no block holds more
 # than this share of the work (rows of weight matrices), else the two passes split the big blocks.
 _WHOLE_STEP_SHARE = 0.125
-_NRES = 4  # per-block results of ``step``: update_sq, span_sq, g.g, left untouched
 
 
 def takes_whole_step(views, states) -> bool:
@@ -279,92 +292,104 @@ def takes_whole_step(views, states) -> bool:
 def step(jobs, w1: float, layouts, clays) -> tuple[list[Tensor], list[tuple[bool, bool]], int]:
     """A whole step of ``(view, state, params)`` jobs in C++, block by block (pass 1, the small solve, pass 2).
 
-    ``params``: the solve's per-tensor parameters (``SOLVE_PARAMS``, debias as after a refresh), then lr, decay,
-    rho, and debias without a refresh. Updates the state in place (not the counters). Returns each job's
-    per-block results ``(B, 4)`` (update_sq, span_sq, g.g, left untouched), whether its gradient and its
-    curvature vector were finite (a tensor with a non-finite gradient is not touched; one with a non-finite
-    curvature vector steps without refreshing), and the count of coordinates the ``rho`` clip cut.
+    ``params``: each tensor's ``Param`` values by name (``kernel_interface.RECORDS["Param"]``). Updates the
+    state in place (not the counters). Returns each job's per-block ``Result`` rows ``(B, 4)`` (update_sq,
+    span_sq, grad_sq, untouched), whether its gradient and its curvature vector were finite (a tensor with a
+    non-finite gradient is not touched; one with a non-finite curvature vector steps without refreshing), and
+    the count of coordinates the ``rho`` clip cut.
     """
     lib = _get()
     results: list[Tensor | None] = [None] * len(jobs)
     finite: list[tuple[bool, bool] | None] = [None] * len(jobs)
     clipped = 0
     order = {id(job): i for i, job in enumerate(jobs)}
+    param_names = RECORDS["Param"]
     for (sdt, pdt, n), group in _groups(jobs):
-        tensors = torch.tensor([[t.B, t.k, t.c is not None, t.U.data_ptr(), t.m.data_ptr(), t.g.data_ptr(),
-                                 t.p.data_ptr(), 0 if t.c is None else t.c.data_ptr(), st["s"].data_ptr(),
-                                 st["R"].data_ptr(), st["e"].data_ptr()] for t, st, _ in group], dtype=torch.int64)
-        params = torch.tensor([row for _, _, row in group], dtype=torch.float64)
+        tensors = torch.tensor([_tensor_row(t, st) for t, st, _ in group], dtype=torch.int64)
+        params = torch.tensor([[row[name] for name in param_names] for _, _, row in group], dtype=torch.float64)
         sizes = [t.B for t, _, _ in group]
-        out = workspace(f"step {sdt} {pdt} {n}", sum(sizes), _NRES, zero=False)
-        flags = torch.zeros(len(group), 2, dtype=torch.int64)
+        out = workspace(f"step {sdt} {pdt} {n}", sum(sizes), len(RECORDS["Result"]), zero=False)
+        flags = torch.zeros(len(group), len(RECORDS["Finite"]), dtype=torch.int64)
         nt = _threads(sum(t.B * t.k for t, _, _ in group))
         count = ctypes.c_int64(0)
         rc = lib.ginger_step(sdt, pdt, n, len(group), tensors.data_ptr(), params.data_ptr(), w1,
-                             _offsets(layouts[n], _STATS).data_ptr(), _offsets(clays[n], _COEFS).data_ptr(),
+                             _offsets(layouts[n], "StatsAt").data_ptr(), _offsets(clays[n], "CoefAt").data_ptr(),
                              out.data_ptr(), flags.data_ptr(), nt, ctypes.byref(count))
         if rc != 0:
             raise RuntimeError(f"ginger_hf CPU kernel step failed ({rc})")
         clipped += count.value
+        grad, curvature = RECORDS["Finite"].index("grad"), RECORDS["Finite"].index("curvature")
         for job, part, ok in zip(group, out.split(sizes), flags.tolist()):
             results[order[id(job)]] = part
-            finite[order[id(job)]] = (bool(ok[0]), bool(ok[1]))
+            finite[order[id(job)]] = (bool(ok[grad]), bool(ok[curvature]))
     return results, finite, clipped
+
+
+def _tensor_row(t, st) -> list[int]:
+    """A tensor's ``TensorRow``: its blocks, and the addresses of its data and small state (0: no c)."""
+    values = dict(B=t.B, k=t.k, refresh=t.c is not None, U=t.U.data_ptr(), m=t.m.data_ptr(), g=t.g.data_ptr(),
+                  p=t.p.data_ptr(), c=0 if t.c is None else t.c.data_ptr(), s=st["s"].data_ptr(),
+                  R=st["R"].data_ptr(), e=st["e"].data_ptr())
+    return [values[name] for name in RECORDS["TensorRow"]]
 
 
 _OFFSETS: dict[tuple, Tensor] = {}
 
 
-def _offsets(layout, names) -> Tensor:
-    """The layout's width and the places of ``names``, as the kernel's StatsView / CoefView read them."""
-    key = (type(layout).__name__, layout.n, names)
+def _offsets(layout, record: str) -> Tensor:
+    """The layout's width and the places of its named parts, as the kernel's ``record`` (StatsAt, CoefAt) reads them."""
+    key = (type(layout).__name__, layout.n, record)
     if key not in _OFFSETS:
-        _OFFSETS[key] = torch.tensor([layout.width] + [layout.offsets[k][0] for k in names], dtype=torch.int64)
+        _OFFSETS[key] = torch.tensor([layout.width if name == "width" else layout.offsets[name][0]
+                                      for name in RECORDS[record]], dtype=torch.int64)
     return _OFFSETS[key]
 
 
-# Per-block parameters of the small solves, in the order the kernel reads them (NPARAM).
-SOLVE_PARAMS = ("beta2", "damping", "relative_damping", "power", "debias", "k", "momentum_debias", "tolerance", "debias_e")
+def rank_one_eigh(d: Tensor, z: Tensor, rho: float) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(diag(d) + rho z z^T)`` by the kernel's closed form (the refresh's eigenproblem)."""
+    d, z = d.double().contiguous(), z.double().contiguous()
+    m = d.numel()
+    lam, V = torch.empty(m, dtype=torch.float64), torch.empty(m, m, dtype=torch.float64)
+    if _get().ginger_rank_one_eigh(m, d.data_ptr(), z.data_ptr(), rho, lam.data_ptr(), V.data_ptr()) != 0:
+        raise ValueError(f"rank_one_eigh: size must be 1..{_abi.MAX_RANK + 1} and rho >= 0, got {m} and {rho}")
+    return lam, V
 
 
 def _solve_args(bl, layout, clay, stats: Tensor) -> list[Tensor]:
-    """The solves' common inputs, contiguous: stats, stats offsets, s, R, e, per-block parameters, coefficient
-    offsets. The caller keeps the list alive through the call (the kernel reads their addresses)."""
+    """The solves' inputs, contiguous, in the calls' order: stats, their places, s, R, e, the per-block
+    ``SOLVE_PARAMS``, then (after ``out``) the coefficients' places. The caller keeps them alive through the call."""
     params = torch.stack([getattr(bl, name) for name in SOLVE_PARAMS], 1)
-    tensors = [stats, _offsets(layout, _STATS), bl.s, bl.R, bl.e, params, _offsets(clay, _COEFS)]
+    tensors = [stats, _offsets(layout, "StatsAt"), bl.s, bl.R, bl.e, params]
     return [x.contiguous() for x in tensors]
-
-
-def _addresses(args: list[Tensor]) -> list[int]:
-    """Addresses of ``_solve_args`` up to the per-block parameters (the coefficient offsets come last in the calls)."""
-    return [x.data_ptr() for x in args[:-1]]
 
 
 def solve_refresh(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_refresh`` for blocks on the CPU, block by block in C++ (threads)."""
     n, N = layout.n, stats.shape[0]
-    width = clay.width + n + n * n + 4
-    out = workspace(f"refresh {n}", N, width)
+    places, width = refresh_out(n)
+    out = workspace(f"refresh {n}", N, clay.width + width)
     args = _solve_args(bl, layout, clay, stats)
     nt = 1 if N < 256 else torch.get_num_threads()
-    rc = _get().ginger_solve_refresh(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr(), nt)
+    rc = _get().ginger_solve_refresh(n, N, *(x.data_ptr() for x in args), out.data_ptr(),
+                                     _offsets(clay, "CoefAt").data_ptr(), nt)
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel solve failed ({rc})")
     rest = out[:, clay.width:]
     result = {name: clay.view(out, name) for name in ("scale", "along", "v_c", "shrink", "shift", "v_u")}
-    result.update(s=rest[:, :n], R=rest[:, n : n + n * n].reshape(N, n, n), e=rest[:, n + n * n],
-                  rotate=rest[:, n + n * n + 1] > 0, update_sq=rest[:, n + n * n + 2], span_sq=rest[:, n + n * n + 3])
+    result.update({name: rest[:, at] if (a, b) == (0, 0) else rest[:, at : at + places[name][1]]
+                   for name, (a, b, _) in REFRESH_OUT for at in (places[name][0],)})
+    result.update(R=result["R"].reshape(N, n, n), rotate=result["rotate"] > 0)
     return result
 
 
 def solve_keep(bl, layout, clay, stats: Tensor) -> dict[str, Tensor]:
     """``ginger_hf.solve.solve_keep`` for blocks on the CPU, in C++."""
     n, N = layout.n, stats.shape[0]
-    width = clay.width + 3
-    out = workspace(f"keep {n}", N, width)
+    out = workspace(f"keep {n}", N, clay.width + len(RECORDS["KeepOut"]))
     args = _solve_args(bl, layout, clay, stats)
-    rc = _get().ginger_solve_keep(n, N, *_addresses(args), out.data_ptr(), width, args[-1].data_ptr())
+    rc = _get().ginger_solve_keep(n, N, *(x.data_ptr() for x in args), out.data_ptr(),
+                                  _offsets(clay, "CoefAt").data_ptr())
     if rc != 0:
         raise RuntimeError(f"ginger_hf CPU kernel keep solve failed ({rc})")
-    return dict(scale=clay.view(out, "scale"), shrink=clay.view(out, "shrink"), update_sq=out[:, clay.width],
-                span_sq=out[:, clay.width + 1], e=out[:, clay.width + 2])
+    result = {name: out[:, clay.width + i] for i, name in enumerate(RECORDS["KeepOut"])}
+    return dict(result, scale=clay.view(out, "scale"), shrink=clay.view(out, "shrink"))

@@ -22,14 +22,15 @@ dropped: ``U`` stays, only ``s`` and ``R`` move.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from . import symeig
 
-__all__ = ["StatsLayout", "CoefLayout", "Blocks", "solve_refresh", "solve_keep", "in_span_tolerance"]
+__all__ = ["StatsLayout", "CoefLayout", "Blocks", "SOLVE_PARAMS", "solve_params", "solve_refresh", "solve_keep",
+           "in_span_tolerance"]
 
 
 class StatsLayout:
@@ -104,6 +105,21 @@ class Blocks:
     debias_e: Tensor
     momentum_debias: Tensor
     tolerance: Tensor
+
+
+# The per-block parameters of the small solves: ``Blocks``' fields after the small state. The C++ kernel
+# reads them by these names (``ginger_hf.kernel_interface``).
+SOLVE_PARAMS = tuple(f.name for f in fields(Blocks) if f.name not in ("s", "R", "e"))
+
+
+def solve_params(h, t: int, q: int, beta1: float, k: int, dtype: torch.dtype) -> tuple[float, ...]:
+    """One tensor's ``SOLVE_PARAMS`` from its hyper-parameters ``h`` (``functional.Hyper``), after step ``t``
+    with ``q`` refreshes, for blocks of length ``k`` and state dtype ``dtype``."""
+    values = dict(k=k, beta2=h.beta2, damping=h.damping, relative_damping=h.relative_damping, power=h.power,
+                  debias=1 - h.beta2**q if h.bias_correction and q > 0 else 1.0,
+                  debias_e=1 - h.beta2**t if h.bias_correction and t > 0 else 1.0,
+                  momentum_debias=1 - beta1**t, tolerance=in_span_tolerance(dtype))
+    return tuple(float(values[name]) for name in SOLVE_PARAMS)
 
 
 def in_span_tolerance(dtype: torch.dtype) -> float:

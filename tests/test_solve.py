@@ -39,7 +39,7 @@ def random_blocks(N, n, k, seed, *, in_span=0.0, far_from_orthonormal=False):
     return blocks, layout, S
 
 
-@pytest.mark.parametrize("n", [1, 4, 10])
+@pytest.mark.parametrize("n", [1, 4, 10, 32])
 @pytest.mark.parametrize("case", ["random", "in-span", "nearly-in-span", "zero", "not-orthonormal"])
 def test_cpp_solve_matches_torch_solve(n, case):
     k = n + 7
@@ -69,3 +69,76 @@ def test_cpp_keep_solve_matches_torch_keep_solve(n):
     out = kernel.solve_keep(blocks, layout, solve.CoefLayout(n), S)
     for name in ("shrink", "scale", "update_sq", "span_sq", "e"):
         assert (out[name] - ref[name]).abs().max() <= 1e-12 * ref[name].abs().max().clamp_min(1e-300), name
+
+
+def rank_one_problem(case, m, gen):
+    """``(d, z)`` of ``diag(d) + rho z z^T``: the refresh's eigenproblem (``d = beta2 s`` and 0 for the residual)."""
+    d = torch.rand(m, generator=gen, dtype=torch.float64)
+    z = torch.randn(m, generator=gen, dtype=torch.float64)
+    if case == "z_i = 0":
+        z[::2] = 0
+    elif case == "repeated s":
+        d[m // 2 :] = d[0]
+    elif case == "s = 0 (the first refresh)":
+        d.zero_()
+    elif case == "close s":
+        d = d.sort().values
+        d[1::2] = d[::2][: m // 2] + 1e-14
+    elif case == "z = 0":
+        z.zero_()
+    elif case == "tiny":
+        d, z = d * 1e-30, z * 1e-15
+    elif case == "huge":
+        d, z = d * 1e30, z * 1e15
+    return d, z
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 11, 33, 65])
+@pytest.mark.parametrize("case", ["random", "z_i = 0", "repeated s", "s = 0 (the first refresh)", "close s", "z = 0",
+                                  "tiny", "huge"])
+def test_rank_one_eigh_matches_dense_eigh(case, m):
+    """The closed-form eigensolver of the refresh against ``torch.linalg.eigh`` in float64: the same eigenvalues,
+    eigenvectors with a residual and an orthogonality at rounding level (where eigenvalues repeat, any basis of
+    their space is right, so the vectors are not compared one by one)."""
+    d, z = rank_one_problem(case, m, torch.Generator().manual_seed(m))
+    rho = 0.05
+    K = torch.diag(d) + rho * torch.outer(z, z)
+    lam, V = kernel.rank_one_eigh(d, z, rho)
+    ref = torch.linalg.eigh(K).eigenvalues
+    norm = K.abs().max().clamp_min(1e-300)
+    eps = torch.finfo(torch.float64).eps
+    assert (lam - ref).abs().max() <= 8 * m * eps * norm
+    assert bool((lam[1:] >= lam[:-1]).all())
+    assert (K @ V - V * lam).abs().max() <= 8 * m * eps * norm
+    assert (V.T @ V - torch.eye(m, dtype=torch.float64)).abs().max() <= 8 * m * eps
+
+
+def test_rank_one_eigh_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="size must be"):
+        kernel.rank_one_eigh(torch.zeros(66), torch.zeros(66), 0.1)
+    with pytest.raises(ValueError, match="rho >= 0"):
+        kernel.rank_one_eigh(torch.zeros(3), torch.zeros(3), -1.0)
+
+
+def test_kernel_with_another_interface_version_is_refused(monkeypatch):
+    """A library whose compiled interface version is not the package's is refused, naming the file."""
+    from ginger_hf import kernel_interface
+
+    class Stale:
+        def ginger_abi_version(self):
+            return kernel_interface.ABI_VERSION - 1
+
+    monkeypatch.setattr(kernel.ctypes, "CDLL", lambda path: Stale())
+    with pytest.raises(RuntimeError, match=r"ginger_cpu_\w+\.so has interface version .* delete the file"):
+        kernel._build()
+
+
+def test_interface_header_names_every_field():
+    """The generated C++ header holds each record's fields by name, in the Python order, and the rank limit."""
+    from ginger_hf import kernel_interface
+
+    header = kernel_interface.cpp_header()
+    for record, fields in kernel_interface.RECORDS.items():
+        assert f"namespace {record} {{ enum : int {{ {', '.join(fields)}, count }}; }}" in header
+    assert f"constexpr int kMaxRank = {kernel_interface.MAX_RANK};" in header
+    assert kernel_interface.RECORDS["Param"][: len(solve.SOLVE_PARAMS)] == solve.SOLVE_PARAMS
