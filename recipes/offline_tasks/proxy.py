@@ -35,6 +35,12 @@ LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q", "k", "v",
 # two optimizers (Ginger's step costs two backward passes) fit 15 minutes on 2 shared CPU cores.
 PROXY_CONFIG = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
                     dropout_rate=0.0)
+# T5Config overrides of each model size: the proxy, and FINDINGS' 8.4M-parameter T5 (4+4 layers, d_model 256).
+MODELS = {"proxy": {}, "large": dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4)}
+# The pre-trained T5 of each size for finetune and lora: the proxy's is shipped (2.9 MB); the large one (17 MB in
+# bfloat16) is built on first use by `scripts/pretrain_t5.py --model large` and cached under outputs/.
+PRETRAINED = {"proxy": PRETRAINED_DIR,
+              "large": Path(__file__).resolve().parents[2] / "outputs" / "pretrained_t5_large"}
 MAX_SOURCE_LENGTH = 128  # keeps ~80% of debsum documents whole (FINDINGS)
 MAX_TARGET_LENGTH = 32   # every debsum summary fits
 
