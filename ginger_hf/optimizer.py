@@ -244,6 +244,9 @@ class Ginger(Optimizer):
         self.curvature_scale = scale
         self.curvature_group = None
         self.step_stats: dict[str, float] | None = None  # a dict collects ginger_hf.stats sums
+        # What steps the Ginger tensors: ``fused.ginger``, or a research variant with its signature composed
+        # from ``functional``'s stages (scripts/explore_variants.py sets it on the Trainer's optimizer).
+        self.tensor_step = fused.ginger
         self._warned_unsynced = False
         super().__init__(params, defaults)
 
@@ -470,8 +473,8 @@ class Ginger(Optimizer):
                 sync = sharding.make_sync(call["spans"], call["group"])
                 lengths = [k if k is not None else p.numel() // max(st["s"].shape[0], 1)
                            for k, p, st in zip(call["block_lengths"], call["params"], call["states"])]
-            fused.ginger(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
-                         beta1=beta1, backend=self.backend, stats=self.step_stats, sync=sync, block_lengths=lengths)
+            self.tensor_step(call["params"], call["grads"], call["curvatures"], call["states"], call["hypers"],
+                             beta1=beta1, backend=self.backend, stats=self.step_stats, sync=sync, block_lengths=lengths)
         for state, view in sharded:
             sharding.store_counters(state, view)
         for flat, params in joints:

@@ -204,10 +204,12 @@ def optimizer_state_mb(optimizer) -> float:
 def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer, task: str = "scratch",
         batch_size: int = DEFAULT_BATCH_SIZE, eval_steps: int | None = None, rouge_size: int = DEFAULT_ROUGE_SIZE,
         seed: int = 0, warmup_ratio: float = 0.05, model_overrides: dict | None = None,
-        disable_tqdm: bool = False, optim_args: str | None = None, pretrained: str | Path = PRETRAINED_DIR) -> dict:
+        disable_tqdm: bool = False, optim_args: str | None = None, pretrained: str | Path = PRETRAINED_DIR,
+        callbacks: list[TrainerCallback] = ()) -> dict:
     """Train the task's model with one optimizer; return its report row (see scripts/compare.py).
 
-    ``optim_args`` replaces the optimizer's ``optim_args`` (Ginger variants in sweeps).
+    ``optim_args`` replaces the optimizer's ``optim_args`` (Ginger variants in sweeps); ``callbacks`` join the
+    Trainer's (scripts/explore_variants.py sets its step on the optimizer from one).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
@@ -230,7 +232,7 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
     clock = EvalClock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
-                             callbacks=[clock], optimizers=(None if peer is None else peers.build(peer, model, lr), None))
+                             callbacks=[clock, *callbacks], optimizers=(None if peer is None else peers.build(peer, model, lr), None))
     trainer.train()
     train_seconds = clock.train_seconds()
     if not clock.points or clock.points[-1]["step"] != max_steps:
