@@ -122,6 +122,22 @@ def task_data(tokenizer, max_steps: int, eval_split: str = "validation", eval_ro
     return {"train": data["train"], "validation": data[eval_split]}
 
 
+def lrs_of(spec: str | None, task: str, model: str, configs: list[str]) -> dict[str, list[float]]:
+    """Each config's learning rates: ``spec``'s list, the task's grid, or (``chosen:FILE,...``) the one
+    ``protocol.choose`` picks from those validation run files."""
+    if spec and spec.startswith("chosen:"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from protocol import choose  # the protocol's rule; imported here, as it imports this module
+
+        choice = choose(read_rows([Path(f) for f in spec.split(":", 1)[1].split(",")]))
+        missing = [c for c in configs if (task, model, c) not in choice]
+        if missing:
+            raise ValueError(f"--lrs {spec}: no validation runs of {missing} on {task}, {model}")
+        return {c: [choice[(task, model, c)][0]] for c in configs}
+    lrs = [float(x) for x in spec.split(",")] if spec else DEFAULT_LRS[task]
+    return {c: lrs for c in configs}
+
+
 def report(paths: list[Path], configs: list[str] | None = None) -> str:
     """``grids`` of the runs in these files."""
     return grids(read_rows(paths), configs)
@@ -155,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", default=None,
                    help="comma-separated optimizer names or lever:NAME (default: ginger,ginger_paper,adamw,adafactor; "
                         "with --report: every config in the files)")
-    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the task's grid)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (default: the task's grid), or "
+                   "chosen:FILE,...: each config's choice on the validation runs in those files (scripts/protocol.py)")
     p.add_argument("--max-steps", type=int, default=proxy.DEFAULT_MAX_STEPS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", choices=sorted(MODELS), default="proxy",
@@ -176,18 +193,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not 0 <= args.warmup_ratio < 1:
         p.error(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
-    lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else DEFAULT_LRS[args.task]
     configs = chosen or ["ginger", "ginger_paper", "adamw", "adafactor"]
     for c in configs:
         resolve(c)  # fail before any training
+    suffix = "" if args.warmup_ratio == DEFAULT_WARMUP else f"+warmup={args.warmup_ratio:g}"
+    lrs = lrs_of(args.lrs, args.task, args.model, [c + suffix for c in configs])
     output.parent.mkdir(parents=True, exist_ok=True)
     pretrained = ensure_pretrained(args.model) if args.task != "scratch" else proxy.PRETRAINED[args.model]
     tokenizer = proxy.load_tokenizer()
     data = task_data(tokenizer, args.max_steps, args.eval_split, args.eval_rows)
-    suffix = "" if args.warmup_ratio == DEFAULT_WARMUP else f"+warmup={args.warmup_ratio:g}"
     for config in configs:
         name, optim_args = resolve(config)
-        for lr in lrs:
+        for lr in lrs[config + suffix]:
             row = {"task": args.task, "config": config + suffix, "lr": lr, "max_steps": args.max_steps, "seed": args.seed,
                    "model": args.model, "eval_split": args.eval_split, "eval_rows": len(data["validation"]),
                    "warmup_ratio": args.warmup_ratio}
@@ -205,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             with output.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"    eval loss {r['eval_loss']:.4f}  ({r['sec_per_step']:.3f} s/step)", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -100,6 +100,9 @@ def test_compare_rejects_unknown_optimizer_before_training(compare, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="--lr"):
         compare.main(["--lr", "adam=1e-3", "--output-dir", str(tmp_path / "y")])
+    with pytest.raises(ValueError, match=r"no learning rate for \['muon'\].*--lr NAME=VALUE"):
+        compare.main(["--optimizers", "ginger,muon", "--output-dir", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
 
 
 def test_proxy_model_has_the_sane_init():

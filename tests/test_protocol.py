@@ -86,3 +86,17 @@ def test_table_chooses_on_validation_and_pairs_on_test(protocol, tmp_path, capsy
 def test_table_refuses_test_rows_for_choosing(protocol):
     with pytest.raises(ValueError, match="--choose takes runs on validation rows"):
         protocol.table([_row("ginger", 1e-3, 0, 5.5, "test")], [_row("ginger", 1e-3, 0, 5.5, "test")], "ginger", "adamw")
+
+
+def test_sweep_runs_each_config_at_the_lr_the_protocol_chose(tmp_path):
+    sweep = load_script("sweep_lr")
+    val = [_row("ginger", 1e-3, 0, 5.5, "validation"), _row("ginger", 3e-3, 0, 5.4, "validation"),
+           _row("ginger", 3e-3, 1, 5.7, "validation"), _row("adamw", 3e-3, 0, 5.8, "validation"),
+           _row("adamw", 1e-2, 0, 5.7, "validation")]
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in val))
+    # ginger: 3e-3 has the mean 5.55 over its two seeds, above 1e-3's 5.5
+    assert sweep.lrs_of(f"chosen:{path}", "scratch", "proxy", ["ginger", "adamw"]) == {"ginger": [1e-3], "adamw": [1e-2]}
+    with pytest.raises(ValueError, match="no validation runs of \\['muon'\\]"):
+        sweep.lrs_of(f"chosen:{path}", "scratch", "proxy", ["muon"])
+    assert sweep.lrs_of("1e-3,3e-3", "scratch", "proxy", ["muon"]) == {"muon": [1e-3, 3e-3]}
