@@ -160,3 +160,19 @@ def test_nested_state_is_counted_in_state_bytes():
     opt = Nested([p], lr=1.0)
     opt.state[p] = {0: {"a": torch.zeros(10), "b": [torch.zeros(5, dtype=torch.float64)]}, "step": 3}
     assert proxy.optimizer_state_mb(opt) == (40 + 40) / 1e6
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "adam_mini", "schedule_free_adamw", "adamw_b2_0.95"])
+def test_each_peer_trains_the_proxy_task_through_the_trainer(name, tmp_path):
+    """proxy.run with a peer: the Trainer steps the optimizer the peer names (built for the model, or the Trainer's
+    own for schedule-free AdamW) and the eval loss falls; its state is counted."""
+    pytest.importorskip({"soap": "heavyball", "adam_mini": "adam_mini", "schedule_free_adamw": "schedulefree"}
+                        .get(name, "torch"))
+    tokenizer = proxy.load_tokenizer()
+    data = proxy.tokenize_splits(proxy.load_debsum(), tokenizer, {"train": 48, "validation": 16})
+    tiny = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
+    r = proxy.run(name, 3e-3, max_steps=3, output_dir=tmp_path, data=data, tokenizer=tokenizer, rouge_size=0,
+                  model_overrides=tiny, disable_tqdm=True, batch_size=16)
+    curve = [p["eval_loss"] for p in r["eval_curve"]]
+    assert r["optimizer"] == name and len(curve) == 4 and curve[-1] < curve[0]
+    assert r["optimizer_state_mb"] > 0
