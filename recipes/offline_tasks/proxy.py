@@ -232,7 +232,8 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
     clock = EvalClock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
-                             callbacks=[clock, *callbacks], optimizers=(None if peer is None else peers.build(peer, model, lr), None))
+                             callbacks=[clock, *callbacks],
+                             optimizers=(None if peer is None else peers.build(peer, model, lr), None))
     trainer.train()
     train_seconds = clock.train_seconds()
     if not clock.points or clock.points[-1]["step"] != max_steps:
