@@ -225,7 +225,8 @@ def update_momentum(m: Tensor, g: Tensor, beta1: float, step: int) -> Tensor:
     return m / (1 - beta1**step)
 
 
-def direction(state: dict[str, Any], hyper: Hyper, U: Tensor, v: Tensor, *, curvature_hyper: Hyper | None = None) -> Tensor:
+def direction(state: dict[str, Any], hyper: Hyper, U: Tensor, v: Tensor, *,
+              curvature_hyper: Hyper | None = None) -> Tensor:
     """``f(G) v`` per block with ``G``'s damping from ``hyper`` and the curvature model debiased as
     ``curvature_hyper`` says (default ``hyper``; a variant may refresh the model at another rate)."""
     k = U.shape[2]

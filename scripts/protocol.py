@@ -146,7 +146,8 @@ def table(choice_rows: list[dict], test_rows: list[dict], paired: str, target: s
                 continue
             label = f"{lr:g}" + (" (edge)" if edge else "" if edge is not None else " (not chosen)")
             runs[config] = (label, {r.get("seed", 0): r for r in mine if r["config"] == config and r["lr"] == lr})
-        head = (f"| {task}, {model}, test rows | lr | seeds | eval loss | minus {paired} [95% CI] | steps to {target}'s loss "
+        head = (f"| {task}, {model}, test rows | lr | seeds | eval loss | minus {paired} [95% CI] "
+                f"| steps to {target}'s loss "
                 f"| seconds to it | minus {paired} at equal time [95% CI] | s/step | state (MB) |")
         lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
         base, goal = runs.get(paired, (None, {}))[1], runs.get(target, (None, {}))[1]
@@ -160,7 +161,8 @@ def table(choice_rows: list[dict], test_rows: list[dict], paired: str, target: s
                     equal.append(loss_at(ours, at) - loss_at(theirs, at))
             reach = [first_reach(seeds[s]["eval_curve"], goal[s]["eval_loss"]) for s in seeds if s in goal]
             hit = [x for x in reach if x is not None]
-            steps = f"{statistics.fmean(x[0] for x in hit):.0f} ({len(hit)}/{len(reach)})" if hit else f"never (0/{len(reach)})"
+            steps = (f"{statistics.fmean(x[0] for x in hit):.0f} ({len(hit)}/{len(reach)})" if hit
+                     else f"never (0/{len(reach)})")
             secs = f"{statistics.fmean(x[1] for x in hit):.0f}" if hit else ""
             cells = [config, label, str(len(seeds)), f"{statistics.fmean(r['eval_loss'] for r in seeds.values()):.3f}",
                      "" if config == paired else _fmt_interval(diffs), steps if reach else "", secs,
