@@ -134,13 +134,14 @@ def main(argv=None):
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if steps < full:  # timing only: the same schedule, stopped early, nothing saved
         trainer.add_callback(StopAt(steps))
         trainer.train()
-        seconds = time.perf_counter() - start
-        print(f"{steps} of {full} steps in {seconds:.0f} s ({seconds / steps:.3f} s/step): a full run would take about "
-              f"{seconds / steps * full / 60:.0f} minutes (evaluation excluded)")
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        print(f"{steps} of {full} steps in {seconds:.0f} s ({seconds / steps:.3f} s/step; {cpu / steps:.3f} CPU s/step): "
+              f"a full run would take about {seconds / steps * full / 60:.0f} minutes, {cpu / steps * full / 60:.0f} "
+              f"on an idle core (evaluation excluded; the first batches are the longest)")
         return
     trainer.train()
     loss = trainer.evaluate()["eval_loss"]
