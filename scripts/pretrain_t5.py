@@ -141,7 +141,7 @@ def main(argv=None):
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         print(f"{steps} of {full} steps in {seconds:.0f} s ({seconds / steps:.3f} s/step; {cpu / steps:.3f} CPU s/step): "
               f"a full run would take about {seconds / steps * full / 60:.0f} minutes, {cpu / steps * full / 60:.0f} "
-              f"on an idle core (evaluation excluded; the first batches are the longest)")
+              f"on an idle core (evaluation excluded; the first batch is the longest)")
         return
     trainer.train()
     loss = trainer.evaluate()["eval_loss"]
