@@ -127,9 +127,10 @@ def _fmt_interval(values: list[float]) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def table(choice_rows: list[dict], test_rows: list[dict], paired: str, target: str) -> str:
-    """One table per (task, model) of the test runs, each config at its chosen lr (see the module docstring)."""
-    for rows, split, flag in ((choice_rows, "validation", "--choose"), (test_rows, "test", "--report")):
+def table(choice_rows: list[dict], test_rows: list[dict], paired: str, target: str, report_split: str = "test") -> str:
+    """One table per (task, model) of the test runs, each config at its chosen lr (see the module docstring).
+    ``report_split="validation"`` reports on the rows the choice was made on: a check of the harness, not a result."""
+    for rows, split, flag in ((choice_rows, "validation", "--choose"), (test_rows, report_split, "--report")):
         wrong = {r.get("eval_split", "validation") for r in rows} - {split}
         if wrong:
             raise ValueError(f"{flag} takes runs on {split} rows, got runs on {sorted(wrong)}")
@@ -146,7 +147,7 @@ def table(choice_rows: list[dict], test_rows: list[dict], paired: str, target: s
                 continue
             label = f"{lr:g}" + (" (edge)" if edge else "" if edge is not None else " (not chosen)")
             runs[config] = (label, {r.get("seed", 0): r for r in mine if r["config"] == config and r["lr"] == lr})
-        head = (f"| {task}, {model}, test rows | lr | seeds | eval loss | minus {paired} [95% CI] "
+        head = (f"| {task}, {model}, {report_split} rows | lr | seeds | eval loss | minus {paired} [95% CI] "
                 f"| steps to {target}'s loss "
                 f"| seconds to it | minus {paired} at equal time [95% CI] | s/step | state (MB) |")
         lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
@@ -181,8 +182,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report", nargs="+", type=Path, required=True, metavar="FILE", help="run files on test rows")
     p.add_argument("--paired", default="ginger", help="the config every difference is taken against")
     p.add_argument("--target", default="adamw", help="the config whose final loss is the target")
+    p.add_argument("--same-rows", action="store_true",
+                   help="--report files are validation runs too (a harness check: the choice favours those rows)")
     a = p.parse_args(argv)
-    print(table(read_rows(a.choose), read_rows(a.report), a.paired, a.target))
+    print(table(read_rows(a.choose), read_rows(a.report), a.paired, a.target,
+                "validation" if a.same_rows else "test"))
 
 
 if __name__ == "__main__":

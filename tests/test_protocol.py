@@ -86,6 +86,11 @@ def test_table_chooses_on_validation_and_pairs_on_test(protocol, tmp_path, capsy
 def test_table_refuses_test_rows_for_choosing(protocol):
     with pytest.raises(ValueError, match="--choose takes runs on validation rows"):
         protocol.table([_row("ginger", 1e-3, 0, 5.5, "test")], [_row("ginger", 1e-3, 0, 5.5, "test")], "ginger", "adamw")
+    val = [_row("ginger", 1e-3, 0, 5.5, "validation"), _row("adamw", 1e-3, 0, 5.6, "validation")]
+    with pytest.raises(ValueError, match="--report takes runs on test rows"):
+        protocol.table(val, val, "ginger", "adamw")
+    lines = protocol.table(val, val, "ginger", "adamw", report_split="validation").splitlines()  # --same-rows
+    assert lines[0].startswith("| scratch, proxy, validation rows |") and "+0.100 (1 seed)" in lines[3]
 
 
 def test_sweep_runs_each_config_at_the_lr_the_protocol_chose(tmp_path):
