@@ -64,8 +64,8 @@ def test_muon_in_bfloat16_is_torch_muon_bit_for_bit():
 
 
 def test_muon_in_float32_matches_torch_muon_to_bfloat16_rounding():
-    """The float32 iteration (the CPU default) computes the same map: one step lands within bfloat16's
-    rounding (2^-8 relative) of torch's, well inside the step itself."""
+    """The float32 iteration (the CPU default) computes the same map: one step differs from torch's by what
+    bfloat16 rounding through five iterations makes of it (1.2-1.8% of the step here, FINDINGS: about 1%)."""
     torch.manual_seed(0)
     for shape in [(64, 32), (32, 96)]:
         start = torch.randn(shape)
