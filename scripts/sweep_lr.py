@@ -17,7 +17,10 @@ prints one grid per task (config x lr, final eval loss), each config's best in b
 ``(edge)`` when it sits at an end of its grid.
 
 ``--model large --eval-split test`` re-checks a choice away from the tables it was made on: a T5 six times
-the proxy's size (FINDINGS' 8.4M-parameter proxy), trained from scratch and evaluated on the held-out test rows.
+the proxy's size (FINDINGS' 8.4M-parameter proxy), evaluated on the held-out test rows; its finetune and lora
+tasks start from its own pre-trained T5, built on first use. The protocol of docs/research.md (issue 20) chooses
+on ``--eval-rows 500`` validation rows and reports on the test rows with ``--lrs chosen:VALFILE`` (each config at
+the lr ``scripts/protocol.py`` chooses there); ``--warmup-ratio`` runs a config with another warmup.
 """
 
 from __future__ import annotations
