@@ -24,7 +24,8 @@ from torch import Tensor
 from .state_schema import BLOCKS, Hyper, block_shape, device_counters, host_counters, init_state
 
 __all__ = ["BLOCKS", "Hyper", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw",
-           "adamw_masked"]
+           "adamw_masked", "all_finite", "explicit_basis", "refresh_curvature", "update_energy", "update_momentum",
+           "direction", "apply_step"]
 
 # A residual below this multiple of eps * ||c|| is rounding noise: the new direction adds nothing.
 _RESIDUAL_NOISE = 64.0
@@ -37,12 +38,13 @@ def _blocks(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
     return U, state["m"].reshape(B, -1)
 
 
-def update_curvature(U: Tensor, s: Tensor, c: Tensor, beta2: float) -> Tensor:
+def update_curvature(U: Tensor, s: Tensor, c: Tensor, beta2: float, *, eigh=torch.linalg.eigh) -> Tensor:
     """``L <- top_n(beta2 L + (1 - beta2) c c^T)`` for every block; returns the new ``U`` ``(B, n, k)``.
 
     ``U`` ``(B, n, k)`` is the orthonormal eigenbasis of ``s`` ``(B, n)`` (updated in place);
     ``c`` ``(B, k)``. The residual of ``c`` outside ``span(U)`` is orthogonalised twice
-    ("twice is enough"); the ``(n+1)``-sized problems are solved by one batched ``eigh``.
+    ("twice is enough"); the ``(n+1)``-sized problems are solved by one batched ``eigh``
+    (``torch.linalg.eigh``, or a drop-in replacement such as a research script's retrying one).
     """
     n = U.shape[1]
     c = c.to(U.dtype)
@@ -57,7 +59,7 @@ def update_curvature(U: Tensor, s: Tensor, c: Tensor, beta2: float) -> Tensor:
     K = (1 - beta2) * z[:, :, None] * z[:, None, :]
     K[:, :n, :n] += torch.diag_embed(beta2 * s)
     K[:, n, n] -= (r == 0).double()  # no new direction: pin it below the rest so that it is the one dropped
-    lam, V = torch.linalg.eigh(K)  # ascending: column 0 is dropped
+    lam, V = eigh(K)  # ascending: column 0 is dropped
     A = V[:, :n, 1:]
     b = V[:, n, 1:] * torch.where(r > 0, 1 / r, torch.zeros_like(r))[:, None]
     s.copy_(lam[:, 1:].clamp_min(0))
@@ -113,33 +115,78 @@ not the fast path). A state whose ``R`` is not the identity (written by
     """
     for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
         host_counters(state)
-        if not _all_finite(grad):
+        if not all_finite(grad):
             state["skipped"] += 1
             continue
-        if not _all_finite(c):
+        if not all_finite(c):
             state["curvature_skipped"] += 1
             c = None
-        U, m = _blocks(state)
+        U, m = explicit_basis(state)
         B, n, k = U.shape
-        R = state["R"]
-        if not torch.equal(R, torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)):
-            U.copy_(torch.einsum("bij,bjk->bik", R.to(U.dtype), U))
-            R.copy_(torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R))
         state["step"] += 1
         if c is not None:
-            c = c.reshape(B, k)
-            U.copy_(update_curvature(U, state["s"], c, hp.beta2))
-            state["curvature_steps"] += 1
+            refresh_curvature(state, U, c.reshape(B, k), hp.beta2)
         g = grad.reshape(B, k)
-        state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(), alpha=1 - hp.beta2)
-        m.lerp_(g.to(m.dtype), 1 - beta1)
-        gamma, debias = damping_of(state, hp, k)
-        u = precondition(U, state["s"] / debias, gamma, m / (1 - beta1 ** state["step"]), hp.power)
-        if hp.rho is not None:
-            u = u.clamp(-hp.rho, hp.rho)
-        if hp.weight_decay != 0:
-            param.mul_(1 - hp.lr * hp.weight_decay)
-        param.add_(u.view(param.shape).to(param.dtype), alpha=-hp.lr)
+        update_energy(state, g, hp.beta2)
+        m_hat = update_momentum(m, g, beta1, state["step"])
+        apply_step(param, direction(state, hp, U, m_hat), hp)
+
+
+# -- the stages of one tensor's step, in the order ``ginger`` composes them (research scripts compose
+# -- variants of the step from the same stages: scripts/explore_variants.py) --------------------------
+
+def all_finite(*tensors: Tensor | None) -> bool:
+    """Whether every given tensor (``None`` counts as finite) holds only finite numbers."""
+    return all(_all_finite(t) for t in tensors)
+
+
+def explicit_basis(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """``U`` ``(B, n, k)`` and ``m`` ``(B, k)``, views into the state, with each block's eigenbasis ``R U``
+    made explicit first (the fast path keeps a rotation in ``R``; afterwards ``R = I``)."""
+    U, m = _blocks(state)
+    n, R = U.shape[1], state["R"]
+    eye = torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)
+    if not torch.equal(R, eye):
+        U.copy_(torch.einsum("bij,bjk->bik", R.to(U.dtype), U))
+        R.copy_(eye)
+    return U, m
+
+
+def refresh_curvature(state: dict[str, Any], U: Tensor, c: Tensor, beta2: float, *, eigh=torch.linalg.eigh) -> None:
+    """The curvature model's refresh from ``c`` ``(B, k)`` at rate ``beta2`` (``update_curvature``), counted."""
+    U.copy_(update_curvature(U, state["s"], c, beta2, eigh=eigh))
+    state["curvature_steps"] += 1
+
+
+def update_energy(state: dict[str, Any], g: Tensor, beta2: float) -> None:
+    """``e <- beta2 e + (1 - beta2) |g|^2`` per block ``g`` ``(B, k)``: the scale of relative damping."""
+    state["e"].mul_(beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(), alpha=1 - beta2)
+
+
+def update_momentum(m: Tensor, g: Tensor, beta1: float, step: int) -> Tensor:
+    """``m <- lerp(m, g, 1 - beta1)`` in place; returns the bias-corrected ``m / (1 - beta1^step)``."""
+    m.lerp_(g.to(m.dtype), 1 - beta1)
+    return m / (1 - beta1**step)
+
+
+def direction(state: dict[str, Any], hyper: Hyper, U: Tensor, v: Tensor, *,
+              curvature_hyper: Hyper | None = None) -> Tensor:
+    """``f(G) v`` per block with ``G``'s damping from ``hyper`` and the curvature model debiased as
+    ``curvature_hyper`` says (default ``hyper``; a variant may refresh the model at another rate)."""
+    k = U.shape[2]
+    gamma, debias = damping_of(state, hyper, k)
+    if curvature_hyper is not None:
+        _, debias = damping_of(state, curvature_hyper, k)
+    return precondition(U, state["s"] / debias, gamma, v, hyper.power)
+
+
+def apply_step(param: Tensor, u: Tensor, hyper: Hyper) -> None:
+    """``param <- param (1 - lr wd) - lr clip_rho(u)``: the step ``u`` (blocks as rows) taken in place."""
+    if hyper.rho is not None:
+        u = u.clamp(-hyper.rho, hyper.rho)
+    if hyper.weight_decay != 0:
+        param.mul_(1 - hyper.lr * hyper.weight_decay)
+    param.add_(u.view(param.shape).to(param.dtype), alpha=-hyper.lr)
 
 
 def adamw(

@@ -184,6 +184,10 @@ class Ginger(Optimizer):
 
     # -- copies and checkpoints ---------------------------------------------------------
 
+    # What steps the Ginger tensors: ``fused.ginger``, or a research variant with its signature composed
+    # from ``functional``'s stages (scripts/explore_variants.py sets it on one optimizer; copies drop it).
+    tensor_step = staticmethod(fused.ginger)
+
     # Attributes a copy keeps (torch's Optimizer.__getstate__ keeps only defaults, state and
     # param_groups). ``curvature_group`` is not one: a process group does not pickle, and a
     # copy sums no curvature over ranks until ``ginger_hf.sync_curvature`` is called on it.
@@ -324,9 +328,9 @@ class Ginger(Optimizer):
                 if group["joint"]:
                     joints.append((target, params))
         for batch in batches.values():
-            fused.ginger(batch.params, batch.grads, batch.curvatures, batch.states, batch.hypers, beta1=batch.beta1,
-                         backend=self.backend, stats=self.step_stats, spans=batch.spans, group=batch.group,
-                         block_lengths=batch.lengths(), gate=gate)
+            self.tensor_step(batch.params, batch.grads, batch.curvatures, batch.states, batch.hypers, beta1=batch.beta1,
+                              backend=self.backend, stats=self.step_stats, spans=batch.spans, group=batch.group,
+                              block_lengths=batch.lengths(), gate=gate)
         for state, view in sharded:
             schema.store_counters(state, view)
         for flat, params in joints:

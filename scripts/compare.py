@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     lrs = {**proxy.TASK_LR[args.task], **parse_lrs(args.lr)}
+    unset = [n for n in names if n not in lrs]
+    if unset:  # the peers have no swept lr yet (scripts/protocol.py chooses one)
+        raise ValueError(f"no learning rate for {unset} on task {args.task}: pass --lr NAME=VALUE")
 
     tokenizer = proxy.load_tokenizer()
     raw = proxy.load_debsum()

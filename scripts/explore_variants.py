@@ -5,7 +5,8 @@
 
 The recommended Ginger is run on the proxy task (``scripts/sweep_lr.py``'s run, same model,
 data, schedule, seed) with its fast step replaced by the plain reference step of
-``ginger_hf.functional`` plus one change (``VARIANTS``). ``--variant none`` is the reference
+``ginger_hf.functional`` plus one change (``VARIANTS``): the step is composed from ``functional``'s
+public stages and set on the Trainer's optimizer (``Ginger.tensor_step``). ``--variant none`` is the reference
 itself: the product's math, with other rounding, which 300 steps of training amplify to a few
 hundredths of eval loss. So a variant is compared with ``none`` run on the same path and seed,
 never with the product's tables. Each run appends a JSON line to
@@ -29,11 +30,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
-from ginger_hf import fused  # noqa: E402
-from offline_tasks import proxy  # noqa: E402
 from ginger_hf import functional as F  # noqa: E402
+from ginger_hf import unwrap_ginger  # noqa: E402
+from offline_tasks import proxy  # noqa: E402
 
 _TINY = 1e-30
 
@@ -81,64 +83,61 @@ GRAFTS = {"graft_block": _graft_block, "graft_tensor": _graft_tensor, "graft_row
 VARIANTS = ("none", *GRAFTS, "memory_in_steps", "adam_coordinates")
 
 
-def _robust_eigh(eigh):
-    """LAPACK's eigh can fail to converge on the (n+1)-sized problems of a badly scaled block; retry it
-    on the matrices divided by their largest entry (same eigenvectors, eigenvalues scaled back)."""
-
-    def robust(K):
-        try:
-            return eigh(K)
-        except torch.linalg.LinAlgError:
-            scale = K.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
-            lam, V = eigh(K / scale)
-            return lam * scale[..., 0], V
-
-    return robust
+def robust_eigh(K):
+    """``torch.linalg.eigh``, retried on the matrices divided by their largest entry when LAPACK fails to converge
+    (it can on the (n+1)-sized problems of a badly scaled block; same eigenvectors, eigenvalues scaled back)."""
+    try:
+        return torch.linalg.eigh(K)
+    except torch.linalg.LinAlgError:
+        scale = K.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(_TINY)
+        lam, V = torch.linalg.eigh(K / scale)
+        return lam * scale[..., 0], V
 
 
 def reference_step(variant):
-    """``fused.ginger``'s signature, computed by ``functional.ginger``'s loop with ``variant``'s change."""
+    """``fused.ginger``'s signature: ``functional.ginger``'s stages, composed with ``variant``'s change."""
     graft = GRAFTS.get(variant)
 
     def step(params, grads, curvatures, states, hypers, *, beta1, **_):
         for param, grad, c, state, hp in zip(params, grads, curvatures, states, hypers):
-            if not (F._all_finite(grad) and F._all_finite(c)):
+            if not F.all_finite(grad, c):
                 raise FloatingPointError("prototype: non-finite gradient or curvature")
-            U, m = F._blocks(state)
+            U, m = F.explicit_basis(state)
             B, n, k = U.shape
-            assert torch.equal(state["R"], torch.eye(n, dtype=torch.float64).expand_as(state["R"]))
-            # the curvature model's rate (damping_of debiases s by 1 - its beta2^q)
+            # the curvature model's rate (direction debiases s by 1 - its beta2^q)
             hp_s = dataclasses.replace(hp, beta2=hp.beta2**4) if variant == "memory_in_steps" else hp
             state["step"] += 1
             g = grad.reshape(B, k)
-            m.lerp_(g.to(m.dtype), 1 - beta1)
-            m_hat = m / (1 - beta1 ** state["step"])
+            c = None if c is None else c.reshape(B, k)
+            m_hat = F.update_momentum(m, g, beta1, state["step"])
             root_d = None
             if variant == "adam_coordinates":
                 v = state.setdefault("diag_v", torch.zeros_like(m))
                 v.mul_(hp.beta2).addcmul_(g.to(m.dtype), g.to(m.dtype), value=1 - hp.beta2)
                 d = (v / (1 - hp.beta2 ** state["step"])).sqrt() + 1e-8
                 root_d = d.sqrt()
-                g, c, m_hat = g / d, (None if c is None else c.reshape(B, k) / d), m_hat / root_d
+                g, c, m_hat = g / d, (None if c is None else c / d), m_hat / root_d
             if c is not None:
-                U.copy_(F.update_curvature(U, state["s"], c.reshape(B, k), hp_s.beta2))
-                state["curvature_steps"] += 1
-            state["e"].mul_(hp.beta2).add_(torch.linalg.vector_norm(g, dim=1, dtype=torch.float64).square(),
-                                           alpha=1 - hp.beta2)
-            gamma, _ = F.damping_of(state, hp, k)
-            _, debias = F.damping_of(state, hp_s, k)
-            u = F.precondition(U, state["s"] / debias, gamma, m_hat, hp.power)
+                F.refresh_curvature(state, U, c, hp_s.beta2, eigh=robust_eigh)
+            F.update_energy(state, g, hp.beta2)
+            u = F.direction(state, hp, U, m_hat, curvature_hyper=hp_s)
             if root_d is not None:
                 u = u / root_d
             if graft is not None:
                 u = graft(u, m_hat, state, hp, k, g.to(m.dtype))
-            if hp.rho is not None:
-                u = u.clamp(-hp.rho, hp.rho)
-            if hp.weight_decay != 0:
-                param.mul_(1 - hp.lr * hp.weight_decay)
-            param.add_(u.view(param.shape).to(param.dtype), alpha=-hp.lr)
+            F.apply_step(param, u, hp)
 
     return step
+
+
+class UseStep(TrainerCallback):
+    """Makes the Trainer's Ginger take its steps with ``step`` (``Ginger.tensor_step``) from the first one."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        unwrap_ginger(optimizer).tensor_step = self.step
 
 
 def report(paths: list[Path]) -> str:
@@ -182,8 +181,6 @@ def main(argv=None) -> None:
         p.error("--task, --variant and --lrs are required to run")
     output = args.output or Path("outputs/explore") / f"{args.task}.jsonl"
     output.parent.mkdir(parents=True, exist_ok=True)
-    fused.ginger = reference_step(args.variant)  # the optimizer calls fused.ginger for every Ginger step
-    torch.linalg.eigh = _robust_eigh(torch.linalg.eigh)
     config = f"variant:{args.variant}"
     from sweep_lr import read_rows, task_data
 
@@ -196,7 +193,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         try:
             r = proxy.run("ginger", lr, task=args.task, max_steps=args.max_steps, output_dir=Path("outputs/sweep_runs"),
-                          data=data, tokenizer=tokenizer, rouge_size=0, seed=args.seed, disable_tqdm=True)
+                          data=data, tokenizer=tokenizer, rouge_size=0, seed=args.seed, disable_tqdm=True,
+                          callbacks=[UseStep(reference_step(args.variant))])
             loss, curve = r["eval_loss"], r["eval_curve"]
         except FloatingPointError:
             loss, curve = float("nan"), []

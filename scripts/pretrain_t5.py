@@ -3,6 +3,7 @@
 
     python scripts/pretrain_t5.py                       # -> outputs/pretrained_t5/ (about 5 minutes)
     python scripts/pretrain_t5.py --output-dir recipes/offline_tasks/data/pretrained_t5   # refresh the shipped copy
+    python scripts/pretrain_t5.py --model large         # -> outputs/pretrained_t5_large/ (the 8.4M T5, not shipped)
 
 T5's own objective (Raffel et al. 2020): 15% of each document's tokens, in spans of mean
 length 3, are replaced by sentinels ``<extra_id_i>``; the target lists each sentinel
@@ -11,7 +12,10 @@ sample, so the summarization task stays unseen. The model is ``offline_tasks.pro
 (``sane_init_``), trained by AdamW with a fixed seed, one thread, a fixed corruption per
 epoch: the run is deterministic on a given machine and torch build. The weights are saved
 in bfloat16 (2.9 MB, shipped as ``recipes/offline_tasks/data/pretrained_t5``); the tasks load them as
-float32.
+float32. ``--model large`` pre-trains the 8.4M T5 (``proxy.MODELS``) with the same recipe at lr 1e-3
+(AdamW's best for that model from scratch) into ``proxy.PRETRAINED["large"]`` (17 MB: built on first use
+by ``scripts/sweep_lr.py --model large --task finetune|lora``, never shipped). ``--max-steps`` stops early
+(to time a few steps: the README's estimate of a full run).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))  # offline_tasks
 from offline_tasks import proxy  # noqa: E402
@@ -90,31 +94,55 @@ def build_dataset(tokenizer, epochs: int, seed: int, max_length: int) -> Dataset
     return Dataset.from_dict(rows)
 
 
+class StopAt(TrainerCallback):
+    """Ends training after ``steps`` optimizer steps (the schedule stays the full run's)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", type=Path, default=Path("outputs/pretrained_t5"))
+    p.add_argument("--model", choices=sorted(proxy.MODELS), default="proxy")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="default outputs/pretrained_t5 (proxy) or proxy.PRETRAINED['large']")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help="default 3e-3 (proxy), 1e-3 (large)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (timing only)")
     a = p.parse_args(argv)
+    a.output_dir = a.output_dir or (Path("outputs/pretrained_t5") if a.model == "proxy" else proxy.PRETRAINED[a.model])
+    a.lr = a.lr or (3e-3 if a.model == "proxy" else 1e-3)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     tokenizer = proxy.load_tokenizer()
     train = build_dataset(tokenizer, a.epochs, a.seed, proxy.MAX_SOURCE_LENGTH)
     held_out = build_dataset(tokenizer, 1, a.seed + 1, proxy.MAX_SOURCE_LENGTH).select(range(256))
-    model = proxy.build_model(tokenizer, seed=a.seed)
-    steps = len(train) // a.batch_size
+    model = proxy.build_model(tokenizer, seed=a.seed, **proxy.MODELS[a.model])
+    full = len(train) // a.batch_size
+    steps = min(full, a.max_steps or full)
     args = Seq2SeqTrainingArguments(
-        output_dir=str(a.output_dir / "trainer"), max_steps=steps, per_device_train_batch_size=a.batch_size,
-        per_device_eval_batch_size=64, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=steps // 20,
+        output_dir=str(a.output_dir / "trainer"), max_steps=full, per_device_train_batch_size=a.batch_size,
+        per_device_eval_batch_size=64, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=full // 20,
         max_grad_norm=1.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
-        seed=a.seed, data_seed=a.seed, train_sampling_strategy="group_by_length", eval_strategy="steps",
-        eval_steps=max(1, steps // 4), logging_steps=50, save_strategy="no", report_to="none", use_cpu=True,
+        seed=a.seed, data_seed=a.seed, train_sampling_strategy="group_by_length",
+        eval_strategy="steps" if steps == full else "no", eval_steps=max(1, full // 4), logging_steps=50, save_strategy="no", report_to="none", use_cpu=True,
         dataloader_num_workers=0,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if steps < full:  # timing only: the same schedule, stopped early, nothing saved
+        trainer.add_callback(StopAt(steps))
+        trainer.train()
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        print(f"{steps} of {full} steps in {seconds:.0f} s ({seconds / steps:.3f} s/step; {cpu / steps:.3f} CPU s/step): "
+              f"a full run would take about {seconds / steps * full / 60:.0f} minutes, {cpu / steps * full / 60:.0f} "
+              f"on an idle core (evaluation excluded; the first batch is the longest)")
+        return
     trainer.train()
     loss = trainer.evaluate()["eval_loss"]
     model.to(torch.bfloat16).save_pretrained(a.output_dir)

@@ -100,6 +100,9 @@ def test_compare_rejects_unknown_optimizer_before_training(compare, tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="--lr"):
         compare.main(["--lr", "adam=1e-3", "--output-dir", str(tmp_path / "y")])
+    with pytest.raises(ValueError, match=r"no learning rate for \['muon'\].*--lr NAME=VALUE"):
+        compare.main(["--optimizers", "ginger,muon", "--output-dir", str(tmp_path / "z")])
+    assert not (tmp_path / "z").exists()
 
 
 def test_proxy_model_has_the_sane_init():
@@ -140,7 +143,7 @@ def test_sweep_report_grid_marks_each_best_and_grid_edges(tmp_path, capsys):
 
 def test_sweep_on_the_large_model_evaluates_on_the_held_out_rows(tmp_path, monkeypatch):
     """``--model large --eval-split test``: the larger T5's overrides reach the run, and the eval loss is taken on
-    every test row (not validation rows); the large model trains from scratch only."""
+    every test row (not validation rows); fine-tuning it starts from its own pre-trained T5, built on first use."""
     sweep = load_script("sweep_lr")
     seen = []
 
@@ -154,13 +157,41 @@ def test_sweep_on_the_large_model_evaluates_on_the_held_out_rows(tmp_path, monke
     sweep.main(["--model", "large", "--eval-split", "test", "--configs", "adamw", "--lrs", "1e-3", "--max-steps", "3",
                 "--output", str(out)])
     (kw,) = seen
-    assert kw["model_overrides"] == sweep.MODELS["large"] and kw["task"] == "scratch"
+    assert kw["model_overrides"] == proxy.MODELS["large"] and kw["task"] == "scratch"
     test = proxy.load_debsum(("test",))["test"]
     assert len(kw["data"]["validation"]) == len(test) == 500
     first = proxy.tokenize_splits({"test": test}, proxy.load_tokenizer(), {"test": 1})["test"][0]
     assert kw["data"]["validation"][0]["input_ids"] == first["input_ids"]
     row = json.loads(out.read_text())
-    assert (row["model"], row["eval_split"], row["seed"]) == ("large", "test", 0)
+    assert (row["model"], row["eval_split"], row["seed"], row["eval_rows"]) == ("large", "test", 0, 500)
+    built = []
+    monkeypatch.setattr(sweep, "ensure_pretrained", lambda model: built.append(model) or tmp_path / "pt")
+    sweep.main(["--model", "large", "--task", "lora", "--configs", "adamw", "--lrs", "1e-3", "--max-steps", "3",
+                "--output", str(tmp_path / "lora.jsonl")])
+    assert built == ["large"] and seen[-1]["pretrained"] == tmp_path / "pt" and seen[-1]["task"] == "lora"
+
+
+def test_sweep_resumes_per_seed_and_names_another_warmup(tmp_path, monkeypatch):
+    """A run is skipped only when the same config, lr, seed and eval rows are in the file; a warmup ratio
+    other than the default joins the config's name, and 500 validation rows are taken when asked."""
+    sweep = load_script("sweep_lr")
+    seen = []
+
+    def fake_run(name, lr, **kw):
+        seen.append(kw)
+        return {"optim_args": None, "optimizer": name, "lr": lr, "max_steps": kw["max_steps"], "eval_loss": 5.0,
+                "sec_per_step": 0.1, "eval_curve": [], "optimizer_state_mb": 1.0, "ginger_stats": []}
+
+    monkeypatch.setattr(sweep.proxy, "run", fake_run)
+    out = tmp_path / "runs.jsonl"
+    common = ["--configs", "adamw", "--lrs", "1e-3", "--max-steps", "3", "--output", str(out)]
+    sweep.main(common)
+    sweep.main(common)  # already there
+    sweep.main(common + ["--seed", "1"])
+    sweep.main(common + ["--eval-rows", "500", "--warmup-ratio", "0.1"])
+    rows = sweep.read_rows([out])
+    assert [(r["config"], r["seed"], r["eval_rows"]) for r in rows] == [
+        ("adamw", 0, 128), ("adamw", 1, 128), ("adamw+warmup=0.1", 0, 500)]
+    assert [kw["warmup_ratio"] for kw in seen] == [0.05, 0.05, 0.1] and len(seen[-1]["data"]["validation"]) == 500
     with pytest.raises(SystemExit):
-        sweep.main(["--model", "large", "--task", "lora", "--output", str(tmp_path / "no.jsonl")])
-    assert not (tmp_path / "no.jsonl").exists()
+        sweep.main(common + ["--warmup-ratio", "1.5"])

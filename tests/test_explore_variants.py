@@ -96,3 +96,42 @@ def test_adam_coordinates_is_ginger_on_adams_diagonal():
             theta[i] = theta[i] - lr * u.reshape(theta[i].shape)
     for p, ref in zip(params, theta):
         torch.testing.assert_close(p, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_variant_reaches_the_optimizer_through_its_public_step():
+    """``UseStep`` sets ``Ginger.tensor_step`` on the optimizer inside the Trainer's wrapper; the reference step
+    set there trains as the fast step does (to rounding), and nothing of ginger_hf or torch is patched."""
+    from pathlib import Path
+
+    from ginger_hf import Ginger, fused
+
+    explore = load_script("explore_variants")
+    torch.manual_seed(0)
+    start = [torch.randn(6, 9), torch.randn(7)]
+    runs = []
+    for use in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = Ginger(params, lr=0.01, curvature="empirical")
+        assert opt.tensor_step is fused.ginger
+        if use:
+            wrapper = type("Wrapped", (), {"optimizer": opt})()
+            explore.UseStep(explore.reference_step("none")).on_train_begin(None, None, None, optimizer=wrapper)
+            assert opt.tensor_step is not fused.ginger
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    source = Path(explore.__file__).read_text()
+    assert "F._" not in source and "fused.ginger =" not in source and "torch.linalg.eigh =" not in source
+
+
+def test_robust_eigh_is_eigh_where_lapack_converges():
+    explore = load_script("explore_variants")
+    K = torch.tensor([[[2.0, 1.0], [1.0, 3.0]]], dtype=torch.float64) * 1e3
+    lam, V = explore.robust_eigh(K)
+    ref_lam, ref_V = torch.linalg.eigh(K)
+    assert torch.equal(lam, ref_lam) and torch.equal(V, ref_V)

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments,
                           T5Config, T5ForConditionalGeneration, TrainerCallback)
 
+from . import peers
 from .summarization import decode_predictions, compute_rouge, preprocess
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -34,6 +35,12 @@ LORA = dict(r=8, lora_alpha=32, lora_dropout=0.0, target_modules=["q", "k", "v",
 # two optimizers (Ginger's step costs two backward passes) fit 15 minutes on 2 shared CPU cores.
 PROXY_CONFIG = dict(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_decoder_layers=2, num_heads=4,
                     dropout_rate=0.0)
+# T5Config overrides of each model size: the proxy, and FINDINGS' 8.4M-parameter T5 (4+4 layers, d_model 256).
+MODELS = {"proxy": {}, "large": dict(d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4, num_heads=4)}
+# The pre-trained T5 of each size for finetune and lora: the proxy's is shipped (2.9 MB); the large one (17 MB in
+# bfloat16) is built on first use by `scripts/pretrain_t5.py --model large` and cached under outputs/.
+PRETRAINED = {"proxy": PRETRAINED_DIR,
+              "large": Path(__file__).resolve().parents[2] / "outputs" / "pretrained_t5_large"}
 MAX_SOURCE_LENGTH = 128  # keeps ~80% of debsum documents whole (FINDINGS)
 MAX_TARGET_LENGTH = 32   # every debsum summary fits
 
@@ -55,12 +62,22 @@ DEFAULT_LR = TASK_LR["scratch"]  # the main job's task
 # TrainingArguments for each optimizer name the main job accepts. "ginger" is what --optim ginger does
 # with nothing else set (the recommended configuration); "ginger_paper" the paper's (GINGER.md section 5).
 # AdamW uses the paper baseline's betas (0.9, 0.99); Adafactor (transformers' T5 setting: no relative
-# step) ignores them.
+# step) ignores them. The peers (issue 20; the ``bench`` extra): AdamW at other beta2, schedule-free AdamW
+# (the Trainer's, at a constant lr: it warms up itself over the run's warmup steps and needs no decay), and
+# ``peer=NAME`` for optimizers the Trainer does not name, built by ``peers.build`` for the model.
+_ADAMW = dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0)
 OPTIMIZERS = {
     "ginger": dict(optim="ginger"),
     "ginger_paper": dict(optim="ginger", optim_args="preset=paper"),
-    "adamw": dict(optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0),
+    "adamw": _ADAMW,
     "adafactor": dict(optim="adafactor"),
+    "adamw_b2_0.95": {**_ADAMW, "adam_beta2": 0.95},
+    "adamw_b2_0.999": {**_ADAMW, "adam_beta2": 0.999},
+    "schedule_free_adamw": dict(optim="schedule_free_adamw", adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
+                                lr_scheduler_type="constant"),
+    "muon": dict(peer="muon"),
+    "soap": dict(peer="soap"),
+    "adam_mini": dict(peer="adam_mini"),
 }
 
 
@@ -170,22 +187,29 @@ class EvalClock(TrainerCallback):
 
 
 def optimizer_state_mb(optimizer) -> float:
-    """Megabytes (1e6 bytes) held in the optimizer's state tensors."""
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                total += value.numel() * value.element_size()
-    return total / 1e6
+    """Megabytes (1e6 bytes) held in the optimizer's state tensors, nested containers included (heavyball nests)."""
+
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(nbytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(nbytes(v) for v in value)
+        return 0
+
+    return sum(nbytes(state) for state in optimizer.state.values()) / 1e6
 
 
 def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, data, tokenizer, task: str = "scratch",
         batch_size: int = DEFAULT_BATCH_SIZE, eval_steps: int | None = None, rouge_size: int = DEFAULT_ROUGE_SIZE,
         seed: int = 0, warmup_ratio: float = 0.05, model_overrides: dict | None = None,
-        disable_tqdm: bool = False, optim_args: str | None = None, pretrained: str | Path = PRETRAINED_DIR) -> dict:
+        disable_tqdm: bool = False, optim_args: str | None = None, pretrained: str | Path = PRETRAINED_DIR,
+        callbacks: list[TrainerCallback] = ()) -> dict:
     """Train the task's model with one optimizer; return its report row (see scripts/compare.py).
 
-    ``optim_args`` replaces the optimizer's ``optim_args`` (Ginger variants in sweeps).
+    ``optim_args`` replaces the optimizer's ``optim_args`` (Ginger variants in sweeps); ``callbacks`` join the
+    Trainer's (scripts/explore_variants.py sets its step on the optimizer from one).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
@@ -193,10 +217,12 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
     optimizer_args = dict(OPTIMIZERS[optimizer])
     if optim_args is not None:
         optimizer_args["optim_args"] = optim_args
+    peer = optimizer_args.pop("peer", None)
+    optimizer_args = {"lr_scheduler_type": "linear", **optimizer_args}
     eval_steps = eval_steps or max(1, max_steps // 10)
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=2 * batch_size, learning_rate=lr, lr_scheduler_type="linear",
+        per_device_eval_batch_size=2 * batch_size, learning_rate=lr,
         warmup_steps=math.ceil(warmup_ratio * max_steps), max_grad_norm=1.0, seed=seed, data_seed=seed,
         train_sampling_strategy="group_by_length", eval_strategy="steps", eval_steps=eval_steps, eval_on_start=True,
         logging_steps=max(1, min(10, max_steps // 10)), save_strategy="no", report_to="none", use_cpu=True,
@@ -206,7 +232,8 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
     clock = EvalClock()
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                              data_collator=DataCollatorForSeq2Seq(tokenizer, model=model), processing_class=tokenizer,
-                             callbacks=[clock])
+                             callbacks=[clock, *callbacks],
+                             optimizers=(None if peer is None else peers.build(peer, model, lr), None))
     trainer.train()
     train_seconds = clock.train_seconds()
     if not clock.points or clock.points[-1]["step"] != max_steps:
@@ -221,7 +248,7 @@ def run(optimizer: str, lr: float, *, max_steps: int, output_dir: str | Path, da
         preds, refs = decode_predictions(tokenizer, pred.predictions, pred.label_ids)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return {
-        "optimizer": optimizer, "task": task, "optim_args": args.optim_args, "optim": args.optim if isinstance(args.optim, str) else args.optim.value, "lr": lr,
+        "optimizer": optimizer, "task": task, "optim_args": args.optim_args, "optim": peer or (args.optim if isinstance(args.optim, str) else args.optim.value), "lr": lr,
         "max_steps": max_steps, "batch_size": batch_size, "eval_loss": clock.points[-1]["eval_loss"],
         **compute_rouge(preds, refs), "rouge_examples": len(subset),
         "sec_per_step": train_seconds / max_steps, "train_seconds": train_seconds,
