@@ -109,7 +109,6 @@ def test_muon_rejects_non_matrices_and_unknown_lr_adjustment():
 
 
 def test_adam_mini_partitions_t5_by_head_neuron_and_token():
-    pytest.importorskip("adam_mini")
     model = tiny_t5(d_model=32, heads=4)  # d_kv 8 * 4 heads = d_model
     opt = peers.adam_mini(model, 1e-3)
     _grads(model, 0)
@@ -127,7 +126,6 @@ def test_adam_mini_partitions_t5_by_head_neuron_and_token():
 def test_each_peer_follows_the_scheduled_learning_rate(name):
     """Two copies agree until the scheduler halves one's lr: that copy's next step is half as long
     (decoupled weight decay scales with lr too), and at lr 0 nothing moves."""
-    pytest.importorskip({"soap": "heavyball", "adam_mini": "adam_mini"}.get(name, "torch"))
     a = tiny_t5()
     b = copy.deepcopy(a)
     opt_a, opt_b = peers.build(name, a, 3e-3), peers.build(name, b, 3e-3)
@@ -166,8 +164,6 @@ def test_nested_state_is_counted_in_state_bytes():
 def test_each_peer_trains_the_proxy_task_through_the_trainer(name, tmp_path):
     """proxy.run with a peer: the Trainer steps the optimizer the peer names (built for the model, or the Trainer's
     own for schedule-free AdamW) and the eval loss falls; its state is counted."""
-    pytest.importorskip({"soap": "heavyball", "adam_mini": "adam_mini", "schedule_free_adamw": "schedulefree"}
-                        .get(name, "torch"))
     tokenizer = proxy.load_tokenizer()
     data = proxy.tokenize_splits(proxy.load_debsum(), tokenizer, {"train": 48, "validation": 16})
     tiny = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
