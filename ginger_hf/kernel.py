@@ -236,7 +236,7 @@ def _groups(jobs):
 
 
 def pass1(jobs, w1: float, layouts) -> None:
-    """Pass 1 of ``(view, slot)`` jobs (``ginger_hf.fused._Tensor``; ``slot`` a one-element list that gets the
+    """Pass 1 of ``(view, slot)`` jobs (``ginger_hf.step_batch.TensorView``; ``slot`` a one-element list that gets the
     tensor's ``(B, width)`` float64 sums, a view into one buffer per kernel call)."""
     lib = _get()
     for (sdt, pdt, n), group in _groups(jobs):
