@@ -65,7 +65,7 @@ void run_pass1(int n, int nb, const Block* blocks, const int64_t* ptrs, float w1
   std::mutex lock;
   run_threads(nt, [&](int t) {
     Scratch sc(n + 4);
-    std::vector<double> wide((size_t)(n + 1) * CHUNK);
+    std::vector<double> wide((size_t)n * kWideStride);
     std::vector<double> part(sv.width);
     for (int i = 0; i < nb; ++i) {
       const Block& b = blocks[i];
@@ -91,7 +91,7 @@ int64_t run_pass2(int n, int nb, const Block* blocks, const int64_t* ptrs, float
   Plan plan(nb, blocks, n, true);
   std::vector<int64_t> clipped(nt, 0);
   run_threads(nt, [&](int t) {
-    Scratch sc(7);
+    Scratch sc(10);
     for (int i = 0; i < nb; ++i) {
       const Block& b = blocks[i];
       int64_t x0 = plan.bound(i, b.k, t, nt), x1 = plan.bound(i, b.k, t + 1, nt);
@@ -142,7 +142,7 @@ int64_t step_block(int n, const int64_t* T, int64_t bi, bool refresh, const doub
                    const StatsView& sv, const CoefView& cv, Scratch& sc1, Scratch& sc2, std::vector<double>& wide,
                    double* stats, double* co, float* cf, double* res) {
   const int64_t B = T[TensorRow::B], k = T[TensorRow::k];
-  Block b{k, refresh, B * k, k};  // ask for the next block (the next row) while this one is worked on
+  Block b{k, refresh, B * k};
   const int64_t off = bi * k;
   S* U = (S*)T[TensorRow::U] + off;
   S* m = (S*)T[TensorRow::m] + off;
@@ -230,8 +230,8 @@ int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* pa
   // Phase 2: the step of every block of the tensors that take one.
   std::vector<int64_t> clipped(nt, 0);
   run_threads(nt, [&](int t) {
-    Scratch sc1(n + 4), sc2(7);
-    std::vector<double> wide((size_t)(n + 1) * CHUNK), stats(sv.width), co(RefreshOut(n, cv.width).width);
+    Scratch sc1(n + 4), sc2(10);
+    std::vector<double> wide((size_t)n * kWideStride), stats(sv.width), co(RefreshOut(n, cv.width).width);
     std::vector<float> cf(cv.width);
     for (int i = edge[t]; i < edge[t + 1]; ++i) {
       const int tensor = blocks[i].tensor;

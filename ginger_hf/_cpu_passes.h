@@ -1,111 +1,27 @@
-// The streaming passes over one block's elements (ginger_hf/fused.py describes the step): SIMD helpers on
-// float vectors of W lanes, the bfloat16 conversions, pass 1 (the sums) and pass 2 (the writes). Within a
-// chunk of at most CHUNK elements the passes sweep one basis row at a time (the chunk stays in cache), so
-// any rank works with the same code. Pass 1 reads only; pass 2 recomputes the momentum from (m, g) instead of
-// reading a stored one. Included by _cpu_kernel.cpp after ginger_interface.h and _cpu_solve.h.
+// The streaming passes over one block's elements (ginger_hf/fused.py describes the step): pass 1 (the sums)
+// and pass 2 (the writes). A block is worked on in chunks of at most CHUNK elements; within a chunk, one sweep
+// reads m, g, c and up to kGroup basis rows together, their accumulators in registers: every stream advances
+// at once, which is what keeps memory busy (a sweep per basis row, one stream at a time, ran at half the
+// bandwidth). A higher rank takes several sweeps, the later ones reading the chunk from cache. Pass 1 reads
+// only; pass 2 recomputes the momentum from (m, g) instead of reading a stored one. Included by
+// _cpu_kernel.cpp after ginger_interface.h and _cpu_solve.h.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "_cpu_simd.h"
+
 namespace {
 
-constexpr int W = 16;  // vector width in floats
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-typedef double vd __attribute__((vector_size(W / 2 * 8)));
-typedef float vf8 __attribute__((vector_size(W / 2 * 4)));
-
-inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float x) { return vf{} + x; }
-inline double hsum(vf v) {  // pairwise: short dependency chain, smaller rounding error
-  float t[W]; std::memcpy(t, &v, sizeof v);
-  for (int h = W / 2; h > 0; h /= 2) for (int i = 0; i < h; ++i) t[i] += t[i + h];
-  return t[0];
-}
-inline double hsum(vd v) {
-  double t[W / 2]; std::memcpy(t, &v, sizeof v);
-  double s = 0; for (int i = 0; i < W / 2; ++i) s += t[i];
-  return s;
-}
-// Squares of a float vector summed in double: exact products, no overflow for any finite float.
-inline vd sq2(vf a, vf b) {
-  vf8 a0, a1, b0, b1;
-  std::memcpy(&a0, &a, sizeof a0); std::memcpy(&a1, (const char*)&a + sizeof a0, sizeof a1);
-  std::memcpy(&b0, &b, sizeof b0); std::memcpy(&b1, (const char*)&b + sizeof b0, sizeof b1);
-  vd x0 = __builtin_convertvector(a0, vd), x1 = __builtin_convertvector(a1, vd);
-  vd y0 = __builtin_convertvector(b0, vd), y1 = __builtin_convertvector(b1, vd);
-  return x0 * y0 + x1 * y1;
-}
-inline vu round_bf16_bits(vf x) {  // round to nearest even bfloat16: the high 16 bits
-  vu b = (vu)x;
-  return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-}
-inline vf round_bf16(vf x) { return (vf)(round_bf16_bits(x) << 16); }
-
-struct bf16 { uint16_t bits; };
-template <class T> constexpr bool is_bf16() { return sizeof(T) == 2; }
-
-// Bring L elements into float (the tensor itself when possible), zero-padded to a multiple of W.
-inline const float* src(const float* p, float* buf, int64_t L) {
-  if (L % W == 0) return p;
-  std::memcpy(buf, p, L * 4);
-  for (int64_t i = L; i < (L + W - 1) / W * W; ++i) buf[i] = 0.f;
-  return buf;
-}
-inline const float* src(const bf16* p, float* buf, int64_t L) {
-  int64_t x = 0;
-  for (; x + W <= L; x += W) {
-    vh h; std::memcpy(&h, p + x, sizeof h);
-    st(buf + x, (vf)(__builtin_convertvector(h, vu) << 16));
-  }
-  for (; x < L; ++x) { uint32_t u = uint32_t(p[x].bits) << 16; std::memcpy(buf + x, &u, 4); }
-  for (; x < (L + W - 1) / W * W; ++x) buf[x] = 0.f;
-  return buf;
-}
-// Where to compute an output of L elements (the tensor itself when possible), then write it back.
-inline float* dst(float* p, float* buf, int64_t L) { return L % W == 0 ? p : buf; }
-inline float* dst(bf16*, float* buf, int64_t) { return buf; }
-inline void flush(float* p, const float* buf, int64_t L) { if (p != buf) std::memcpy(p, buf, L * 4); }
-inline void flush(bf16* p, const float* buf, int64_t L) {
-  int64_t x = 0;
-  for (; x + W <= L; x += W) {
-    vh h = __builtin_convertvector(round_bf16_bits(ld(buf + x)), vh);
-    std::memcpy(p + x, &h, sizeof h);
-  }
-  for (; x < L; ++x) {
-    uint32_t u; std::memcpy(&u, buf + x, 4);
-    p[x].bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-  }
-}
-
-// torch.lerp(m, g, w1) in float (its two formulas), rounded like the state dtype.
-template <class S>
-inline vf lerp(vf m, vf g, float w1) {
-  vf r = w1 < 0.5f ? m + splat(w1) * (g - m) : g - splat(1.f - w1) * (g - m);
-  return is_bf16<S>() ? round_bf16(r) : r;
-}
-
-// One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given; ahead: how far
-// past each chunk to ask memory for the data of later work (0: leave it to the hardware).
+// One block: k elements; basis row j at U + j * ustride; refresh: curvature vector given. A row block's data
+// lies in n + 4 streams far apart; the sweeps read them together, and the hardware prefetchers keep up
+// (asking for the next row's lines by hand made the step slower once the streams were read together).
 struct Block {
-  int64_t k, refresh, ustride, ahead;
+  int64_t k, refresh, ustride;
 };
 
-// Ask for the lines of [p, p + bytes) ahead of their use, into L2 (write: they will be written). A row
-// block's data lies in n + 4 streams far apart, each too short for the hardware prefetchers to run ahead:
-// the whole step asks for the next block's chunk while it works on this one's.
-constexpr int kCacheLine = 64;
-inline void prefetch(const void* p, int64_t bytes, bool write) {
-  const char* c = (const char*)p;
-  for (int64_t x = 0; x < bytes; x += kCacheLine) {
-    if (write) __builtin_prefetch(c + x, 1, 2);
-    else __builtin_prefetch(c + x, 0, 2);
-  }
-}
 std::vector<Block> block_rows(int nb, const int64_t* rows) {  // from BlockRow rows
   std::vector<Block> out(nb);
   for (int i = 0; i < nb; ++i, rows += BlockRow::count)
@@ -114,31 +30,28 @@ std::vector<Block> block_rows(int nb, const int64_t* rows) {  // from BlockRow r
 }
 
 constexpr int64_t CHUNK = 2048;  // elements per chunk: n + 6 rows of it stay in cache
+constexpr int kGroup = 4;        // basis rows per sweep
 
+// Rows of CHUNK floats, a cache line apart from a multiple of 4 KiB, so that row i and row j of the same
+// element do not fall into the same cache set.
 struct Scratch {
+  static constexpr int64_t kStride = CHUNK + W;
   std::vector<float> v;
-  explicit Scratch(int rows) : v((size_t)rows * CHUNK + W) {}
-  float* at(int i) { return v.data() + (size_t)i * CHUNK; }
+  explicit Scratch(int rows) : v((size_t)rows * kStride + W) {}
+  float* at(int i) { return v.data() + (size_t)i * kStride; }
 };
+constexpr int64_t kWideStride = CHUNK + WD;  // the same for the rows widened to double
 
-// The refresh sums need exact products: r^2 = c.c - |k|^2 cancels when c lies near span(U), so the
-// Gram and U c are formed from float inputs widened to double (float x float is exact in double).
-constexpr int WD = W / 2;  // doubles per vector
-inline vd ldd(const double* p) { vd v; std::memcpy(&v, p, sizeof v); return v; }
-inline void widen(const float* in, double* out, int64_t Lp) {
-  for (int64_t x = 0; x < Lp; x += W) {
-    vf v = ld(in + x);
-    vf8 lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
-    vd a = __builtin_convertvector(lo, vd), b = __builtin_convertvector(hi, vd);
-    std::memcpy(out + x, &a, sizeof a);
-    std::memcpy(out + x + WD, &b, sizeof b);
-  }
+inline void halves(vf v, vd& lo, vd& hi) {
+  vf8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, (const char*)&v + sizeof a, sizeof b);
+  lo = __builtin_convertvector(a, vd);
+  hi = __builtin_convertvector(b, vd);
 }
-inline double hsumd(vd v) { return hsum(v); }
 
-// Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements, in double.
+// Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements, in double: for
+// ranks above kGroup, from the rows widened to double after the sweeps.
 template <int NI, int NJ>
 void gram_tile(const double* const* u, int i0, int j0, int64_t Lp, double* G, int n) {
   vd acc[NI][NJ] = {};
@@ -173,65 +86,183 @@ void gram(const double* const* u, int n, int64_t Lp, double* G) {
     }
   }
 }
-inline double dot(const float* a, const float* b, int64_t Lp) {
-  vf acc = vf{};
-  for (int64_t x = 0; x < Lp; x += W) acc += ld(a + x) * ld(b + x);
-  return hsum(acc);
-}
-inline double dotd(const double* a, const double* b, int64_t Lp) {
-  vd acc = vd{};
-  for (int64_t x = 0; x < Lp; x += WD) acc += ldd(a + x) * ldd(b + x);
-  return hsumd(acc);
+
+// Pass 1's inputs and outputs for one chunk of Lp elements.
+struct Sums1 {
+  const float* const* u;  // basis rows of this sweep
+  const float *m, *g, *c;
+  float* mv;              // m' for the later sweeps (written by the first when there are more)
+  double *um, *uc, *gram;  // this sweep's u.m', u.c, and its Gram block (row stride n; GRAM only)
+  int n;
+};
+
+// One sweep of pass 1 over basis rows u[0..NJ). FIRST: it forms m' = lerp(m, g) and the block sums
+// (m'.m', g.g, and on refresh c.c, c.m'); R: U c in double; GRAM: the rows' Gram (single-sweep ranks).
+template <class S, int NJ, bool FIRST, bool R, bool GRAM>
+void sweep1(const Sums1& a, float w1, int64_t Lp, bool keep_mv, double* sums) {
+  vf adot[NJ] = {}, acm = vf{};
+  vd auc[NJ] = {}, agr[NJ][NJ] = {}, amm = vd{}, agg = vd{}, acc = vd{};
+  for (int64_t x = 0; x < Lp; x += W) {
+    vf mx, cx = vf{};
+    if (FIRST) {
+      const vf gx = ld(a.g + x);
+      mx = lerp<S>(ld(a.m + x), gx, w1);
+      if (keep_mv) st(a.mv + x, mx);
+      amm += sq2(mx, mx);
+      agg += sq2(gx, gx);
+      if (R) { cx = ld(a.c + x); acc += sq2(cx, cx); acm += cx * mx; }
+    } else {
+      mx = ld(a.mv + x);
+      if (R) cx = ld(a.c + x);
+    }
+    vd clo, chi, lo[NJ], hi[NJ];
+    if (R) halves(cx, clo, chi);
+    for (int j = 0; j < NJ; ++j) {
+      const vf ux = ld(a.u[j] + x);
+      adot[j] += ux * mx;
+      if (R) { halves(ux, lo[j], hi[j]); auc[j] += lo[j] * clo; auc[j] += hi[j] * chi; }
+    }
+    if (GRAM)
+      for (int i = 0; i < NJ; ++i)
+        for (int j = i; j < NJ; ++j) { agr[i][j] += lo[i] * lo[j]; agr[i][j] += hi[i] * hi[j]; }
+  }
+  for (int j = 0; j < NJ; ++j) {
+    a.um[j] += hsum(adot[j]);
+    if (R) a.uc[j] += hsumd(auc[j]);
+    if (GRAM) for (int i = 0; i <= j; ++i) a.gram[i * a.n + j] += hsumd(agr[i][j]);
+  }
+  if (FIRST) {
+    sums[0] += hsum(amm); sums[1] += hsum(agg);
+    if (R) { sums[2] += hsum(acc); sums[3] += hsum(acm); }
+  }
 }
 
-// Pass 1 on elements [x0, x1) of one block; reads only. With mv = lerp(m, g, w1) it adds
-// U m', m'.m', g.g and, on refresh, the Gram U U^T (upper triangle), U c, c.c, c.m' to out.
+// sweep1 with its flags from run-time values.
+template <class S, int NJ>
+void sweep1_rows(const Sums1& a, float w1, int64_t Lp, bool first, bool R, bool one_sweep, double* sums) {
+  if (first && R && one_sweep) sweep1<S, NJ, true, true, true>(a, w1, Lp, false, sums);
+  else if (first && R) sweep1<S, NJ, true, true, false>(a, w1, Lp, true, sums);
+  else if (first) sweep1<S, NJ, true, false, false>(a, w1, Lp, !one_sweep, sums);
+  else if (R) sweep1<S, NJ, false, true, false>(a, w1, Lp, false, sums);
+  else sweep1<S, NJ, false, false, false>(a, w1, Lp, false, sums);
+}
+
+// Pass 1 on elements [x0, x1) of one block; reads only. With m' = lerp(m, g, w1) it adds U m', m'.m', g.g
+// and, on refresh, the Gram U U^T (upper triangle), U c, c.c, c.m' to out.
 template <class S, class P>
 void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0,
            int64_t x1, double* out, const StatsView& sv, Scratch& sc, std::vector<double>& wide) {
-  const bool R = b.refresh;
-  double cc = 0, cm = 0, mm = 0, gg = 0;
+  const bool R = b.refresh, one_sweep = n <= kGroup;
+  double sums[4] = {};  // m'.m', g.g, c.c, c.m'
   const float* u[kMaxRank];
-  const double* ud[kMaxRank];
   for (int64_t xb = x0; xb < x1; xb += CHUNK) {
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
-    if (b.ahead) {
-      for (int j = 0; j < n; ++j) prefetch(U + j * b.ustride + xb + b.ahead, L * sizeof(S), R);
-      prefetch(m + xb + b.ahead, L * sizeof(S), true);
-      prefetch(g + xb + b.ahead, L * sizeof(P), false);
-      if (R) prefetch(c + xb + b.ahead, L * sizeof(P), false);
-    }
     for (int j = 0; j < n; ++j) u[j] = src(U + j * b.ustride + xb, sc.at(j), L);
-    const float* mi = src(m + xb, sc.at(n), L);
-    const float* gi = src(g + xb, sc.at(n + 1), L);
-    const float* ci = R ? src(c + xb, sc.at(n + 2), L) : nullptr;
-    float* mv = sc.at(n + 3);
-    vd amm = vd{}, agg = vd{}, acc = vd{};
-    vf acm = vf{};
-    for (int64_t x = 0; x < Lp; x += W) {
-      vf mx = lerp<S>(ld(mi + x), ld(gi + x), w1), gx = ld(gi + x);
-      st(mv + x, mx);
-      amm += sq2(mx, mx);
-      agg += sq2(gx, gx);
-      if (R) { vf cx = ld(ci + x); acc += sq2(cx, cx); acm += cx * mx; }
+    Sums1 a{nullptr, src(m + xb, sc.at(n), L), src(g + xb, sc.at(n + 1), L),
+            R ? src(c + xb, sc.at(n + 2), L) : nullptr, sc.at(n + 3), nullptr, nullptr, nullptr, n};
+    for (int j0 = 0; j0 < n; j0 += kGroup) {
+      a.u = u + j0;
+      a.um = out + sv.um + j0;
+      a.uc = out + sv.uc + j0;
+      a.gram = out + sv.gram;
+      switch (n - j0 < kGroup ? n - j0 : kGroup) {
+        case 4: sweep1_rows<S, 4>(a, w1, Lp, j0 == 0, R, one_sweep, sums); break;
+        case 3: sweep1_rows<S, 3>(a, w1, Lp, j0 == 0, R, one_sweep, sums); break;
+        case 2: sweep1_rows<S, 2>(a, w1, Lp, j0 == 0, R, one_sweep, sums); break;
+        default: sweep1_rows<S, 1>(a, w1, Lp, j0 == 0, R, one_sweep, sums); break;
+      }
     }
-    mm += hsum(amm); gg += hsum(agg);
-    if (R) { cc += hsum(acc); cm += hsum(acm); }
-    for (int j = 0; j < n; ++j) out[sv.um + j] += dot(u[j], mv, Lp);
-    if (R) {
-      double* cd = wide.data() + (size_t)n * CHUNK;
-      widen(ci, cd, Lp);
+    if (R && !one_sweep) {  // the Gram across sweeps: the rows widened to double, from cache
+      const double* ud[kMaxRank];
       for (int j = 0; j < n; ++j) {
-        double* row = wide.data() + (size_t)j * CHUNK;
+        double* row = wide.data() + (size_t)j * kWideStride;
         widen(u[j], row, Lp);
         ud[j] = row;
-        out[sv.uc + j] += dotd(row, cd, Lp);
       }
       gram(ud, n, Lp, out + sv.gram);
     }
   }
-  out[sv.mm] += mm; out[sv.gg] += gg;
-  if (R) { out[sv.cc] += cc; out[sv.cm] += cm; }
+  out[sv.mm] += sums[0]; out[sv.gg] += sums[1];
+  if (R) { out[sv.cc] += sums[2]; out[sv.cm] += sums[3]; }
+}
+
+// Pass 2's inputs and outputs for one chunk.
+struct Sums2 {
+  const float* const* u;  // basis rows of this sweep (read)
+  float* const* uo;       // where their new values go (LAST && ROT in a single sweep)
+  const float *m, *g, *c, *p;
+  float *mo, *po, *dir, *v;  // m' out, p out; the direction and v between sweeps
+  const float* shrink;       // a, v_u and shift of this sweep's rows
+  const float* v_u;
+  const float* shift;
+};
+struct Scalars2 {
+  vf scale, along, nlr, decay, rho, nrho, v_c;
+  bool do_decay;
+};
+
+// One sweep of pass 2 over basis rows u[0..NJ): dir = m' - a.U and (ROT) v = v_c c + v_u.U, carried in
+// dir/v between sweeps. FIRST forms m' (and writes it); LAST finishes: u = scale (dir + along v), clipped,
+// p <- p * decay - lr * u, and (UPD: a single sweep) U <- U - shift v^T. Returns the coordinates clipped.
+template <class S, class P, int NJ, bool FIRST, bool LAST, bool ROT, bool UPD>
+int64_t sweep2(const Sums2& a, const Scalars2& k, float w1, int64_t Lp) {
+  vf A[NJ], VU[NJ], SH[NJ];
+  for (int j = 0; j < NJ; ++j) { A[j] = splat(a.shrink[j]); VU[j] = splat(a.v_u[j]); SH[j] = splat(a.shift[j]); }
+  vu nclip = vu{};
+  for (int64_t x = 0; x < Lp; x += W) {
+    vf dx, vx = vf{};
+    if (FIRST) {
+      dx = lerp<S>(ld(a.m + x), ld(a.g + x), w1);
+      st(a.mo + x, dx);
+      if (ROT) vx = k.v_c * ld(a.c + x);
+    } else {
+      dx = ld(a.dir + x);
+      if (ROT) vx = ld(a.v + x);
+    }
+    vf ux[NJ];
+    for (int j = 0; j < NJ; ++j) {
+      ux[j] = ld(a.u[j] + x);
+      dx = dx - A[j] * ux[j];
+      if (ROT) vx = vx + VU[j] * ux[j];
+    }
+    if (!LAST) {
+      st(a.dir + x, dx);
+      if (ROT) st(a.v + x, vx);
+      continue;
+    }
+    vf d = dx;
+    if (ROT) d += k.along * vx;
+    d *= k.scale;
+    vu cut = (vu)(d > k.rho) | (vu)(d < k.nrho);
+    nclip += cut & 1u;
+    d = d > k.rho ? k.rho : d;
+    d = d < k.nrho ? k.nrho : d;
+    vf pv = ld(a.p + x);
+    if (is_bf16<P>()) d = round_bf16(d);
+    if (k.do_decay) { pv *= k.decay; if (is_bf16<P>()) pv = round_bf16(pv); }
+    st(a.po + x, pv + k.nlr * d);
+    if (ROT && UPD) for (int j = 0; j < NJ; ++j) st(a.uo[j] + x, ux[j] - SH[j] * vx);
+    else if (ROT) st(a.v + x, vx);
+  }
+  uint32_t t[W];
+  std::memcpy(t, &nclip, sizeof t);
+  int64_t clipped = 0;
+  for (int i = 0; i < W; ++i) clipped += t[i];  // padding is 0 there, never cut
+  return clipped;
+}
+
+// sweep2 with its flags from run-time values.
+template <class S, class P, int NJ>
+int64_t sweep2_rows(const Sums2& a, const Scalars2& k, float w1, int64_t Lp, bool first, bool last, bool R,
+                    bool one_sweep) {
+  if (one_sweep) return R ? sweep2<S, P, NJ, true, true, true, true>(a, k, w1, Lp)
+                          : sweep2<S, P, NJ, true, true, false, false>(a, k, w1, Lp);
+  if (first) return R ? sweep2<S, P, NJ, true, false, true, false>(a, k, w1, Lp)
+                      : sweep2<S, P, NJ, true, false, false, false>(a, k, w1, Lp);
+  if (!last) return R ? sweep2<S, P, NJ, false, false, true, false>(a, k, w1, Lp)
+                      : sweep2<S, P, NJ, false, false, false, false>(a, k, w1, Lp);
+  return R ? sweep2<S, P, NJ, false, true, true, false>(a, k, w1, Lp)
+           : sweep2<S, P, NJ, false, true, false, false>(a, k, w1, Lp);
 }
 
 // Pass 2 on [x0, x1): m <- lerp(m, g, w1); v = v_u.U + v_c c (refresh); u = scale (m - a.U + along v),
@@ -240,66 +271,46 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
 template <class S, class P>
 int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef,
               const CoefView& cv, int64_t x0, int64_t x1, Scratch& sc) {
-  const bool R = b.refresh;
-  const vf scale = splat(coef[cv.scale]), along = splat(coef[cv.along]), nlr = splat(-coef[cv.lr]);
-  const vf decay = splat(coef[cv.decay]), rho = splat(coef[cv.rho]), nrho = splat(-coef[cv.rho]);
-  const vf v_c = splat(coef[cv.v_c]);
-  const bool do_decay = coef[cv.decay] != 1.f;
+  const bool R = b.refresh, one_sweep = n <= kGroup;
+  const Scalars2 k{splat(coef[cv.scale]), splat(coef[cv.along]), splat(-coef[cv.lr]), splat(coef[cv.decay]),
+                   splat(coef[cv.rho]), splat(-coef[cv.rho]), splat(coef[cv.v_c]), coef[cv.decay] != 1.f};
   int64_t clipped = 0;
+  const float* u[kGroup];
+  float* uo[kGroup];
   for (int64_t xb = x0; xb < x1; xb += CHUNK) {
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
-    const float* mi = src(m + xb, sc.at(0), L);
-    const float* gi = src(g + xb, sc.at(1), L);
-    if (b.ahead) prefetch(p + xb + b.ahead, L * sizeof(P), true);
-    const float* pi = src(p + xb, sc.at(2), L);
-    const float* ci = R ? src(c + xb, sc.at(3), L) : nullptr;
-    float* dir = sc.at(4);
-    float* v = sc.at(5);
-    float* ubuf = sc.at(6);
-    for (int64_t x = 0; x < Lp; x += W) {
-      st(dir + x, lerp<S>(ld(mi + x), ld(gi + x), w1));
-      if (R) st(v + x, v_c * ld(ci + x));
-    }
-    float* mo = dst(m + xb, sc.at(0), L);
-    for (int64_t x = 0; x < Lp; x += W) st(mo + x, ld(dir + x));  // m' (before dir changes)
-    flush(m + xb, mo, L);
-    for (int j = 0; j < n; ++j) {
-      const float* uj = src(U + j * b.ustride + xb, ubuf, L);
-      const vf a = splat(coef[cv.shrink + j]), v_u = splat(coef[cv.v_u + j]);
-      for (int64_t x = 0; x < Lp; x += W) {
-        vf ux = ld(uj + x);
-        st(dir + x, ld(dir + x) - a * ux);
-        if (R) st(v + x, ld(v + x) + v_u * ux);
+    Sums2 a{u, uo, src(m + xb, sc.at(0), L), src(g + xb, sc.at(1), L), R ? src(c + xb, sc.at(3), L) : nullptr,
+            src(p + xb, sc.at(2), L), dst(m + xb, sc.at(0), L), dst(p + xb, sc.at(2), L), sc.at(4), sc.at(5),
+            nullptr, nullptr, nullptr};
+    for (int j0 = 0; j0 < n; j0 += kGroup) {
+      const int nj = n - j0 < kGroup ? n - j0 : kGroup;
+      for (int j = 0; j < nj; ++j) {
+        S* Uj = U + (j0 + j) * b.ustride + xb;
+        u[j] = src(Uj, sc.at(6 + j), L);
+        uo[j] = dst(Uj, sc.at(6 + j), L);
       }
+      a.shrink = coef + cv.shrink + j0;
+      a.v_u = coef + cv.v_u + j0;
+      a.shift = coef + cv.shift + j0;
+      const bool first = j0 == 0, last = j0 + kGroup >= n;
+      switch (nj) {
+        case 4: clipped += sweep2_rows<S, P, 4>(a, k, w1, Lp, first, last, R, one_sweep); break;
+        case 3: clipped += sweep2_rows<S, P, 3>(a, k, w1, Lp, first, last, R, one_sweep); break;
+        case 2: clipped += sweep2_rows<S, P, 2>(a, k, w1, Lp, first, last, R, one_sweep); break;
+        default: clipped += sweep2_rows<S, P, 1>(a, k, w1, Lp, first, last, R, one_sweep); break;
+      }
+      if (first) flush(m + xb, a.mo, L);
+      if (one_sweep && R) for (int j = 0; j < nj; ++j) flush(U + (j0 + j) * b.ustride + xb, uo[j], L);
     }
-    float* po = dst(p + xb, sc.at(2), L);
-    vu nclip = vu{};
-    for (int64_t x = 0; x < Lp; x += W) {
-      vf d = ld(dir + x);
-      if (R) d += along * ld(v + x);
-      d *= scale;
-      vu cut = (vu)(d > rho) | (vu)(d < nrho);
-      nclip += cut & 1u;
-      d = d > rho ? rho : d;
-      d = d < nrho ? nrho : d;
-      vf pv = ld(pi + x);
-      if (is_bf16<P>()) d = round_bf16(d);
-      if (do_decay) { pv *= decay; if (is_bf16<P>()) pv = round_bf16(pv); }
-      st(po + x, pv + nlr * d);
-    }
-    {
-      uint32_t t[W]; std::memcpy(t, &nclip, sizeof t);
-      for (int i = 0; i < W; ++i) clipped += t[i];  // padding is 0 there, never cut
-    }
-    flush(p + xb, po, L);
-    if (R) {
+    flush(p + xb, a.po, L);
+    if (R && !one_sweep) {  // the reflection of every basis row, with the final v, from cache
       for (int j = 0; j < n; ++j) {
         S* Uj = U + j * b.ustride + xb;
-        const float* uj = src(Uj, ubuf, L);
-        float* uo = dst(Uj, ubuf, L);
+        const float* uj = src(Uj, sc.at(6), L);
+        float* out = dst(Uj, sc.at(6), L);
         const vf shift = splat(coef[cv.shift + j]);
-        for (int64_t x = 0; x < Lp; x += W) st(uo + x, ld(uj + x) - shift * ld(v + x));
-        flush(Uj, uo, L);
+        for (int64_t x = 0; x < Lp; x += W) st(out + x, ld(uj + x) - shift * ld(a.v + x));
+        flush(Uj, out, L);
       }
     }
   }
