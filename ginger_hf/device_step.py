@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .comm import exchange
-from .solve import Blocks, CoefLayout, StatsLayout, in_span_tolerance, solve_keep, solve_refresh
+from .solve import (SOLVE_PARAMS, UPDATE_PARAMS, Blocks, CoefLayout, StatsLayout, counter_params, solve_keep,
+                    solve_refresh, tensor_params, update_params)
 from .state_schema import Hyper, device_counters
 from .step_batch import TensorView, view_of
 
@@ -175,25 +176,20 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
     return out.to(dtype)
 
 
-def _table(views: list[TensorView], hypers: list[Hyper], lengths: list[int], device) -> dict[str, Tensor]:
-    """Per-tensor, host-known columns of the small solve and pass 2, on ``device``."""
-    names = ("beta2", "damping", "relative_damping", "power", "k", "tolerance", "bias_correction", "lr", "decay",
-             "rho")
-    rows = [[h.beta2, h.damping, h.relative_damping, h.power, k, in_span_tolerance(t.U.dtype),
-             float(h.bias_correction), h.lr, 1 - h.lr * h.weight_decay, float("inf") if h.rho is None else h.rho]
-            for t, h, k in zip(views, hypers, lengths)]
-    return dict(zip(names, _to_device(rows, torch.float64, device).unbind(1)))
-
-
-def _debias(table: dict[str, Tensor], states: list[dict[str, Any]], beta1: float) -> dict[str, Tensor]:
-    """The bias corrections after this step, from the device counters (read before they move)."""
+def _table(views: list[TensorView], hypers: list[Hyper], lengths: list[int], states: list[dict[str, Any]],
+           beta1: float, device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Per-tensor columns on ``device``: the small solve's (``SOLVE_PARAMS``: ``solve.tensor_params`` from the host,
+    then ``solve.counter_params`` on the device counters, read before they move) and pass 2's
+    (``solve.update_params``); and the ``counter_params`` of the tensors' blocks that refresh (one more refresh)."""
+    rows = [{**tensor_params(h, k, t.U.dtype), **update_params(h)} for t, h, k in zip(views, hypers, lengths)]
+    names = tuple(rows[0])
+    table = dict(zip(names, _to_device([[row[name] for name in names] for row in rows], torch.float64,
+                                       device).unbind(1)))
     t = torch.stack([st["step"] for st in states]).double() + 1
     q = torch.stack([st["curvature_steps"] for st in states]).double()
-    beta2, on = table["beta2"], table["bias_correction"] > 0
-    one = torch.ones_like(t)
-    return dict(momentum_debias=1 - torch.pow(beta1, t), debias_e=torch.where(on, 1 - beta2.pow(t), one),
-                debias_keep=torch.where(on & (q > 0), 1 - beta2.pow(q), one),
-                debias_refresh=torch.where(on, 1 - beta2.pow(q + 1), one))
+    refresh = counter_params(table, t, q + 1, beta1)
+    table.update(counter_params(table, t, q, beta1))
+    return table, refresh
 
 
 def _count(states: list[dict[str, Any]], key: str, mask: Tensor) -> None:
@@ -206,20 +202,18 @@ def _pick(mask: Tensor, a: Tensor, b) -> Tensor:
     return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
 
 
-def _solve_group(states, sizes, table, owner, ok_b, sel, lay: StatsLayout, S: Tensor) -> tuple[Tensor, dict]:
+def _solve_group(states, sizes, table, refresh, owner, ok_b, sel, lay: StatsLayout, S: Tensor) -> tuple[Tensor, dict]:
     """The small problems of one ``(n, refresh)`` group of blocks: writes the new ``s``, ``R``, ``e`` where the
     decisions allow, and returns pass 2's coefficient rows and the solve's outputs. ``sel``: the blocks that
     refresh (``None`` in a keep group); the others of a refresh group take the keep step's values."""
     clay = CoefLayout(lay.n)
     small = {name: torch.cat([st[name] for st in states]) for name in ("s", "R", "e")}
-    column = {name: table[name].index_select(0, owner) for name in table}
-    bl = Blocks(**small, k=column["k"], beta2=column["beta2"], damping=column["damping"],
-                relative_damping=column["relative_damping"], power=column["power"], debias=column["debias_keep"],
-                debias_e=column["debias_e"], momentum_debias=column["momentum_debias"], tolerance=column["tolerance"])
+    column = {name: table[name].index_select(0, owner) for name in SOLVE_PARAMS + UPDATE_PARAMS}
+    bl = Blocks(**small, **{name: column[name] for name in SOLVE_PARAMS})
     out = solve_keep(bl, lay, S)
     new = {"e": torch.where(ok_b, out["e"], bl.e)}
     if sel is not None:
-        ref = solve_refresh(replace(bl, debias=column["debias_refresh"]), lay, S)
+        ref = solve_refresh(replace(bl, **{name: x.index_select(0, owner) for name, x in refresh.items()}), lay, S)
         for name in ("scale", "shrink", "update_sq", "span_sq"):
             out[name] = _pick(sel, ref[name], out[name])
         for name in _REFRESH_COEFS:
@@ -227,8 +221,8 @@ def _solve_group(states, sizes, table, owner, ok_b, sel, lay: StatsLayout, S: Te
         new["s"], new["R"] = _pick(sel, ref["s"], bl.s), _pick(sel, ref["R"], bl.R)
     C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64, device=S.device)
     names = ("scale", "shrink") + (_REFRESH_COEFS if sel is not None else ())
-    _copy([clay.view(C, name) for name in names + ("lr", "decay", "rho")],
-          [out[name] for name in names] + [column[name] for name in ("lr", "decay", "rho")])
+    _copy([clay.view(C, name) for name in names + UPDATE_PARAMS],
+          [out[name] for name in names] + [column[name] for name in UPDATE_PARAMS])
     _copy([st[name] for name in new for st in states], [x for value in new.values() for x in value.split(sizes)])
     return C, out
 
@@ -289,8 +283,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     refreshed = applied & c_ok & has_c
 
     # the small problems, batched per group; then the counters move
-    table = _table(views, hypers, lengths, device)
-    table.update(_debias(table, states, beta1))
+    table, refresh = _table(views, hypers, lengths, states, beta1, device)
     _count(states, "step", applied)
     _count(states, "skipped", torch.logical_not(ok) & live)
     _count(states, "curvature_steps", refreshed)
@@ -301,7 +294,8 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
         owner, sizes = owners[(n, fresh)], [views[i].B for i in idx]
         ok_b = applied.index_select(0, owner)
         sel = refreshed.index_select(0, owner) if fresh else None
-        C, out = _solve_group([states[i] for i in idx], sizes, table, owner, ok_b, sel, layouts[n], buffers[(n, fresh)])
+        C, out = _solve_group([states[i] for i in idx], sizes, table, refresh, owner, ok_b, sel, layouts[n],
+                              buffers[(n, fresh)])
         if stats is not None:
             gg = layouts[n].view(buffers[(n, fresh)], "gg")
             totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], gg]), 0).sum(1)

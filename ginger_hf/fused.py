@@ -23,7 +23,6 @@ Where no tensor is sharded and the blocks are small (rows), the kernel takes the
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -35,7 +34,8 @@ from . import device_step
 from . import functional as F
 from . import kernel as _kernel
 from .comm import exchange
-from .solve import SOLVE_PARAMS, Blocks, CoefLayout, StatsLayout, solve_params
+from .solve import (SOLVE_PARAMS, UPDATE_PARAMS, Blocks, CoefLayout, StatsLayout, counter_params, solve_params,
+                    tensor_params, update_params)
 from .state_schema import Hyper, host_counters
 from .step_batch import view_of
 
@@ -132,8 +132,9 @@ def _whole_step(views, states, hypers, layouts, beta1: float, lengths, stats) ->
     jobs = []
     for t, st, h, k in zip(views, states, hypers, lengths):
         q, n = st["curvature_steps"], st["step"] + 1  # the counters once the tensor steps (and refreshes)
-        row = dict(zip(SOLVE_PARAMS, solve_params(h, n, q + 1, beta1, k, t.U.dtype)), **_update_params(h))
-        row["debias_keep"] = solve_params(h, n, q, beta1, k, t.U.dtype)[SOLVE_PARAMS.index("debias")]
+        x = tensor_params(h, k, t.U.dtype)
+        row = {**x, **counter_params(x, n, q + 1, beta1), **update_params(h),
+               "debias_keep": counter_params(x, n, q, beta1)["debias"]}
         jobs.append((t, st, row))
     results, finite, clipped = _kernel.step(jobs, 1 - beta1, layouts, {n: CoefLayout(n) for n in layouts})
     for t, st, (g_ok, c_ok) in zip(views, states, finite):  # the counters, as _decide keeps them
@@ -230,16 +231,14 @@ def _solve(views, states, hypers, sums, applied, refresh, layouts, beta1, length
         sizes = [views[i].B for i in idx]
         owner = _kernel.block_owner(tuple(sizes))
         bl = _gather_blocks(idx, views, states, [hypers[i] for i in idx], small, owner, beta1, [lengths[i] for i in idx])
-        lr, decay, rho = torch.tensor([list(_update_params(hypers[i]).values()) for i in idx],
-                                      dtype=torch.float64)[owner].unbind(1)
+        update = torch.tensor([list(update_params(hypers[i]).values()) for i in idx], dtype=torch.float64)[owner]
         S = _stacked([sums[i] for i in idx])
         out = (_kernel.solve_refresh if fresh else _kernel.solve_keep)(bl, layout, clay, S)
         C = torch.zeros(S.shape[0], clay.width, dtype=torch.float64)
         for name in ("scale", "shrink") + (("along", "v_c", "shift", "v_u") if fresh else ()):
             clay.view(C, name).copy_(out[name])
-        clay.view(C, "lr").copy_(lr)
-        clay.view(C, "decay").copy_(decay)
-        clay.view(C, "rho").copy_(rho)
+        for name, column in zip(UPDATE_PARAMS, update.unbind(1)):
+            clay.view(C, name).copy_(column)
         if stats is not None:
             _add_stats(stats, out, layout, S)
         for i, piece in zip(idx, C.split(sizes)):
@@ -265,11 +264,6 @@ def _pass2(views, coefs, rotate, applied, w1: float, count_clipped: bool) -> int
     kernel_jobs = [(t, coefs[i], rotate[i]) for i, t in enumerate(views) if applied[i]]
     count = _kernel.pass2(kernel_jobs, w1, {t.n: CoefLayout(t.n) for t, _, _ in kernel_jobs}) if kernel_jobs else 0
     return count if count_clipped else 0
-
-
-def _update_params(h: Hyper) -> dict[str, float]:
-    """Pass 2's per-tensor coefficients: lr, decay (``1 - lr * weight_decay``), rho."""
-    return dict(lr=h.lr, decay=1 - h.lr * h.weight_decay, rho=math.inf if h.rho is None else h.rho)
 
 
 def _gather_blocks(idx, views, states, hypers, small, owner, beta1, lengths) -> Blocks:

@@ -4,13 +4,16 @@ Every table passed between them is a row of named fields, listed here once. ``ke
 builds its tables from these names, and the build writes ``cpp_header()`` (C++ enums of the
 same names, ``kMaxRank``, ``kAbiVersion``) next to the source, so neither side holds a bare
 position. The per-block parameters of the small solves are ``solve.SOLVE_PARAMS`` (``Blocks``'
-fields, computed by ``solve.solve_params``): adding one touches ``functional.Hyper`` (if it is
-a new user setting), ``solve.py`` and the C++ that reads it.
+fields), computed from a tensor's hyper-parameters and counters by ``solve.tensor_params`` and
+``solve.counter_params`` for both fast paths (the kernel's rows here, the device step's table).
+Adding one touches three files: ``state_schema.py`` (a ``Hyper`` field, if it is a new setting),
+``solve.py`` (the ``Blocks`` field, how it is computed, its use in the torch solve) and
+``_cpu_solve.h`` (its use in the C++ solve, as ``prm[Param::name]``).
 """
 
 from __future__ import annotations
 
-from .solve import SOLVE_PARAMS
+from .solve import SOLVE_PARAMS, UPDATE_PARAMS
 
 # Bump when a table's meaning changes without a name changing; kernel.py refuses a library built otherwise.
 ABI_VERSION = 2
@@ -27,7 +30,7 @@ RECORDS: dict[str, tuple[str, ...]] = {
     "Pass2Ptr": ("U", "m", "g", "p", "c"),
     # float64 per-tensor parameters of a whole step: the solve's (debias as after a refresh), then pass 2's,
     # then the debias of a step without a refresh. The solve calls take the first ``len(SOLVE_PARAMS)`` per block.
-    "Param": SOLVE_PARAMS + ("lr", "decay", "rho", "debias_keep"),
+    "Param": SOLVE_PARAMS + UPDATE_PARAMS + ("debias_keep",),
     # int64 per tensor of a whole step: whether its gradient and its curvature vector were finite.
     "Finite": ("grad", "curvature"),
     # float64 per-block results of a whole step: |u|^2 and its part in span(U), g.g, 1 where left untouched.

@@ -24,29 +24,12 @@ from . import state_schema as schema
 from .comm import check_not_sharded
 from .hyperparameters import (ALGORITHMS, CURVATURE_MODES, CURVATURE_SCALES, DEFAULT_LR, PRESET, PRESETS,
                               apply_group_preset, check_preset, split_named_params, validate_hyperparameters)
-from .state_schema import Hyper
+from .state_schema import state_bytes
 from .step_batch import StepBatch
 from .pending import clear_curvature, get_curvature
 
 __all__ = ["Ginger", "PRESETS", "CURVATURE_MODES", "CURVATURE_SCALES", "ALGORITHMS", "unwrap_ginger", "state_bytes",
            "validate_hyperparameters"]
-
-
-def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """float32 state for half-precision parameters, otherwise the parameter's own dtype."""
-    if state_dtype is not None:
-        return state_dtype
-    if param.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return param.dtype
-
-
-def state_bytes(shape: tuple[int, ...], tau: int, blocks: str, state_dtype: torch.dtype) -> int:
-    """Bytes of one tensor's state: ``(n + 1) * numel`` state-dtype numbers (m, U), float64 s, R and e per block."""
-    B, k = F.block_shape(tuple(shape), blocks)
-    n = min(tau, k)
-    itemsize = torch.empty((), dtype=state_dtype).element_size()
-    return (n + 1) * B * k * itemsize + B * (n + n * n + 1) * 8
 
 
 def unwrap_ginger(optimizer) -> Ginger | None:
@@ -264,7 +247,7 @@ class Ginger(Optimizer):
     def _state_for(self, key: Tensor, group: dict[str, Any], target: Tensor) -> dict[str, Any]:
         """The tensor's state, created on first use (and completed for checkpoints of older versions)."""
         state = self.state[key]
-        dtype = default_state_dtype(key, group["state_dtype"])
+        dtype = schema.default_state_dtype(key, group["state_dtype"])
         if group["algorithm"] == "adamw":
             if not state:
                 state.update(exp_avg=torch.zeros_like(key, dtype=dtype), exp_avg_sq=torch.zeros_like(key, dtype=dtype),
@@ -305,7 +288,7 @@ class Ginger(Optimizer):
         batches: dict[float, StepBatch] = {}
         joints, sharded = [], []
         for group, entries in plan:
-            beta1, beta2 = group["betas"]
+            beta1 = group["betas"][0]
             for key, params, g, c in entries:
                 target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
                 state = self._state_for(key, group, target)
@@ -319,12 +302,8 @@ class Ginger(Optimizer):
                     target, g, c, view = sharding.localise(key, state, g, c)
                     sharded.append((state, view))
                     state, batch.group = view, placed.group
-                batch.add(target, g, c, state, Hyper(
-                    lr=float(group["lr"]), beta2=beta2, damping=group["damping"],
-                    relative_damping=group["relative_damping"],
-                    power=group["power"], rho=group["rho"], weight_decay=group["weight_decay"],
-                    bias_correction=group["bias_correction"], blocks="tensor" if group["joint"] else group["blocks"]),
-                    spans=placed is not None and placed.spans, block_length=placed and placed.block_numel)
+                batch.add(target, g, c, state, schema.hyper_of(group), spans=placed is not None and placed.spans,
+                          block_length=placed and placed.block_numel)
                 if group["joint"]:
                     joints.append((target, params))
         for batch in batches.values():

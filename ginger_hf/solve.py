@@ -22,6 +22,7 @@ dropped: ``U`` stays, only ``s`` and ``R`` move.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -29,8 +30,8 @@ from torch import Tensor
 
 from . import symeig
 
-__all__ = ["StatsLayout", "CoefLayout", "Blocks", "SOLVE_PARAMS", "solve_params", "solve_refresh", "solve_keep",
-           "in_span_tolerance"]
+__all__ = ["StatsLayout", "CoefLayout", "Blocks", "SOLVE_PARAMS", "tensor_params", "counter_params", "UPDATE_PARAMS",
+           "update_params", "solve_params", "solve_refresh", "solve_keep", "in_span_tolerance"]
 
 
 class StatsLayout:
@@ -108,18 +109,51 @@ class Blocks:
 
 
 # The per-block parameters of the small solves: ``Blocks``' fields after the small state. The C++ kernel
-# reads them by these names (``ginger_hf.kernel_interface``).
+# reads them by these names (``ginger_hf.kernel_interface``); both fast paths compute them with
+# ``tensor_params`` and ``counter_params`` below (the kernel path on the host, the device path on the device).
 SOLVE_PARAMS = tuple(f.name for f in fields(Blocks) if f.name not in ("s", "R", "e"))
 
 
+def tensor_params(h, k: int, dtype: torch.dtype) -> dict[str, float]:
+    """What one tensor's ``SOLVE_PARAMS`` are computed from that the host knows before the step: the
+    hyper-parameters ``h`` (``state_schema.Hyper``), the block length ``k`` and the state dtype, and
+    ``bias_correction`` (1.0 or 0.0) for ``counter_params``. Every ``SOLVE_PARAMS`` name not in
+    ``counter_params`` is here."""
+    return dict(k=k, beta2=h.beta2, damping=h.damping, relative_damping=h.relative_damping, power=h.power,
+                tolerance=in_span_tolerance(dtype), bias_correction=float(h.bias_correction))
+
+
+def counter_params(x: dict, t, q, beta1: float) -> dict:
+    """The ``SOLVE_PARAMS`` that depend on the counters after this step, ``t`` steps and ``q`` refreshes.
+
+    ``x``: ``tensor_params``' values. Either all Python numbers (the kernel path: one tensor), or per-tensor
+    columns with ``t`` and ``q`` float64 tensors on their device (the device path: no host synchronisation).
+    """
+    on = x["bias_correction"] > 0
+    return dict(debias=_where(on & (q > 0), 1 - x["beta2"] ** q, 1.0),
+                debias_e=_where(on & (t > 0), 1 - x["beta2"] ** t, 1.0), momentum_debias=1 - beta1**t)
+
+
+# Pass 2's per-tensor coefficients (``CoefLayout``'s fields that come from the hyper-parameters alone).
+UPDATE_PARAMS = ("lr", "decay", "rho")
+
+
+def update_params(h) -> dict[str, float]:
+    """``UPDATE_PARAMS`` of hyper-parameters ``h``: ``lr``, ``decay`` (``1 - lr * weight_decay``), ``rho``."""
+    return dict(lr=h.lr, decay=1 - h.lr * h.weight_decay, rho=math.inf if h.rho is None else h.rho)
+
+
 def solve_params(h, t: int, q: int, beta1: float, k: int, dtype: torch.dtype) -> tuple[float, ...]:
-    """One tensor's ``SOLVE_PARAMS`` from its hyper-parameters ``h`` (``functional.Hyper``), after step ``t``
-    with ``q`` refreshes, for blocks of length ``k`` and state dtype ``dtype``."""
-    values = dict(k=k, beta2=h.beta2, damping=h.damping, relative_damping=h.relative_damping, power=h.power,
-                  debias=1 - h.beta2**q if h.bias_correction and q > 0 else 1.0,
-                  debias_e=1 - h.beta2**t if h.bias_correction and t > 0 else 1.0,
-                  momentum_debias=1 - beta1**t, tolerance=in_span_tolerance(dtype))
+    """One tensor's ``SOLVE_PARAMS`` from its hyper-parameters ``h``, after step ``t`` with ``q`` refreshes,
+    for blocks of length ``k`` and state dtype ``dtype``."""
+    values = tensor_params(h, k, dtype)
+    values.update(counter_params(values, t, q, beta1))
     return tuple(float(values[name]) for name in SOLVE_PARAMS)
+
+
+def _where(cond, a, b):
+    """``torch.where`` for tensors, a Python ``if`` for numbers."""
+    return torch.where(cond, a, b) if isinstance(cond, Tensor) else (a if cond else b)
 
 
 def in_span_tolerance(dtype: torch.dtype) -> float:

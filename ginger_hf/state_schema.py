@@ -1,4 +1,5 @@
-"""The state of one Ginger tensor, in one place: its keys, how it is created (unsharded and FSDP2), its counters.
+"""The state of one Ginger tensor, in one place: its keys, how it is created (unsharded and FSDP2), its counters,
+its size, and the hyper-parameters (``Hyper``) a param group gives its step.
 
 State of one tensor; ``U[j]`` has the parameter's shape so that the state shards like the parameter:
 
@@ -23,14 +24,15 @@ loads on the other); ``int(state["step"])`` reads either.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCKS", "Hyper", "TENSORS", "COUNTERS", "block_shape", "init_state", "init_sharded_state",
-           "host_counters", "device_counters", "clock", "tick", "local_state", "store_counters"]
+__all__ = ["BLOCKS", "Hyper", "TENSORS", "COUNTERS", "hyper_of", "default_state_dtype", "state_bytes", "block_shape",
+           "init_state", "init_sharded_state", "host_counters", "device_counters", "clock", "tick", "local_state",
+           "store_counters"]
 
 BLOCKS = ("tensor", "row")
 TENSORS = ("m", "U", "s", "R", "e")
@@ -50,6 +52,31 @@ class Hyper:
     weight_decay: float = 0.0
     bias_correction: bool = False
     blocks: str = "tensor"
+
+
+def hyper_of(group: dict[str, Any]) -> Hyper:
+    """A param group's ``Hyper``: its keys of the same names, ``beta2`` of its ``betas``, and one whole-tensor block
+    for a ``joint`` group."""
+    values = {f.name: group[f.name] for f in fields(Hyper) if f.name in group}
+    return Hyper(**{**values, "lr": float(group["lr"]), "beta2": group["betas"][1],
+                    "blocks": "tensor" if group["joint"] else group["blocks"]})
+
+
+def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """float32 state for half-precision parameters, otherwise the parameter's own dtype."""
+    if state_dtype is not None:
+        return state_dtype
+    if param.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return param.dtype
+
+
+def state_bytes(shape: tuple[int, ...], tau: int, blocks: str, state_dtype: torch.dtype) -> int:
+    """Bytes of one tensor's state: ``(n + 1) * numel`` state-dtype numbers (m, U), float64 s, R and e per block."""
+    B, k = block_shape(tuple(shape), blocks)
+    n = min(tau, k)
+    itemsize = torch.empty((), dtype=state_dtype).element_size()
+    return (n + 1) * B * k * itemsize + B * (n + n * n + 1) * 8
 
 
 def block_shape(shape: torch.Size | tuple[int, ...], blocks: str) -> tuple[int, int]:

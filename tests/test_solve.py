@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ginger_hf import kernel, solve
+from ginger_hf.state_schema import Hyper
 
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="needs the C++ kernel (no compiler found)")
 
@@ -28,14 +29,14 @@ def random_blocks(N, n, k, seed, *, in_span=0.0, far_from_orthonormal=False):
         layout.view(S, name).copy_(value.sum(-1))
     Q = torch.linalg.qr(torch.randn(N, n, n, generator=gen, dtype=torch.float64))[0]
 
-    def full(v):
-        return torch.full((N,), v, dtype=torch.float64)
-
+    # every per-block parameter as the step computes it (solve.solve_params), the bias corrections set apart
+    hyper = Hyper(lr=0.1, beta2=0.95, damping=1e-3, relative_damping=0.1, power=0.5, bias_correction=True)
+    params = dict(zip(solve.SOLVE_PARAMS, solve.solve_params(hyper, 3, 2, 0.9, k, torch.float64)))
+    params.update(debias=0.6, debias_e=0.7, momentum_debias=0.5)
     blocks = solve.Blocks(
         s=torch.rand(N, n, generator=gen, dtype=torch.float64).sort(-1).values, R=Q,
-        e=torch.rand(N, generator=gen, dtype=torch.float64), k=full(k), beta2=full(0.95), damping=full(1e-3),
-        relative_damping=full(0.1), power=full(0.5), debias=full(0.6), debias_e=full(0.7), momentum_debias=full(0.5),
-        tolerance=full(solve.in_span_tolerance(torch.float64)))
+        e=torch.rand(N, generator=gen, dtype=torch.float64),
+        **{name: torch.full((N,), value, dtype=torch.float64) for name, value in params.items()})
     return blocks, layout, S
 
 
@@ -142,3 +143,18 @@ def test_interface_header_names_every_field():
         assert f"namespace {record} {{ enum : int {{ {', '.join(fields)}, count }}; }}" in header
     assert f"constexpr int kMaxRank = {kernel_interface.MAX_RANK};" in header
     assert kernel_interface.RECORDS["Param"][: len(solve.SOLVE_PARAMS)] == solve.SOLVE_PARAMS
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_counter_params_agree_between_host_numbers_and_device_columns(bias_correction):
+    """``solve.counter_params`` on per-tensor columns (the device path) gives ``solve_params``' numbers (the kernel
+    path), refreshes or not, first step included."""
+    hypers = [Hyper(lr=0.1, beta2=b2, damping=1e-3, bias_correction=bias_correction) for b2 in (0.9, 0.99, 0.999)]
+    counters = [(1, 0), (5, 0), (7, 3)]
+    x = {name: torch.tensor([solve.tensor_params(h, 10, torch.float32)[name] for h in hypers], dtype=torch.float64)
+         for name in solve.tensor_params(hypers[0], 10, torch.float32)}
+    t, q = (torch.tensor(c, dtype=torch.float64) for c in zip(*counters))
+    columns = {**x, **solve.counter_params(x, t, q, 0.9)}
+    for i, (h, (ti, qi)) in enumerate(zip(hypers, counters)):
+        expected = solve.solve_params(h, ti, qi, 0.9, 10, torch.float32)
+        assert [float(columns[name][i]) for name in solve.SOLVE_PARAMS] == pytest.approx(expected, rel=1e-12)
