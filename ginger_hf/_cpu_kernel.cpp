@@ -10,7 +10,8 @@
 //   work, and for sharded tensors, whose sums are completed across ranks between the passes.
 // Blocks are rows of tensors or whole tensors, each described by (k, refresh, U stride) and its data.
 //
-// The passes are in _cpu_passes.h, the small solves in _cpu_solve.h; every table exchanged with Python is
+// The passes are in _cpu_passes.h (SIMD helpers: _cpu_simd.h), the small solves in _cpu_solve.h (their
+// eigen-solvers: _cpu_eigh.h); every table exchanged with Python is
 // a row of named fields from the generated ginger_interface.h (ginger_hf/kernel_interface.py). Where the
 // outputs go inside a block's row of sums or coefficients comes from the caller (solve.py's layouts).
 #include <algorithm>
@@ -156,7 +157,7 @@ int64_t step_block(int n, const int64_t* T, int64_t bi, bool refresh, const doub
   std::memcpy(prm, prm_in, sizeof prm);
   if (!refresh) prm[Param::debias] = prm[Param::debias_keep];
   std::fill(stats, stats + sv.width, 0.0);
-  pass1<S, P>(n, b, U, m, g, c, w1, 0, k, stats, sv, sc1, wide);
+  pass1<S, P>(n, b, U, m, g, c, w1, 0, k, stats, sv, sc1, wide, p);
   res[Result::grad_sq] = stats[sv.gg];
   res[Result::update_sq] = res[Result::span_sq] = 0;
   res[Result::untouched] = 1;

@@ -94,6 +94,8 @@ struct Sums1 {
   float* mv;              // m' for the later sweeps (written by the first when there are more)
   double *um, *uc, *gram;  // this sweep's u.m', u.c, and its Gram block (row stride n; GRAM only)
   int n;
+  const char* next;        // the parameter's bytes of this chunk, which pass 2 reads next (or null)
+  int next_size;           // bytes per element there
 };
 
 // One sweep of pass 1 over basis rows u[0..NJ). FIRST: it forms m' = lerp(m, g) and the block sums
@@ -108,6 +110,7 @@ void sweep1(const Sums1& a, float w1, int64_t Lp, bool keep_mv, double* sums) {
       const vf gx = ld(a.g + x);
       mx = lerp<S>(ld(a.m + x), gx, w1);
       if (keep_mv) st(a.mv + x, mx);
+      if (a.next) __builtin_prefetch(a.next + x * a.next_size, 1, 3);  // one more stream while these run
       amm += sq2(mx, mx);
       agg += sq2(gx, gx);
       if (R) { cx = ld(a.c + x); acc += sq2(cx, cx); acm += cx * mx; }
@@ -151,7 +154,8 @@ void sweep1_rows(const Sums1& a, float w1, int64_t Lp, bool first, bool R, bool 
 // and, on refresh, the Gram U U^T (upper triangle), U c, c.c, c.m' to out.
 template <class S, class P>
 void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0,
-           int64_t x1, double* out, const StatsView& sv, Scratch& sc, std::vector<double>& wide) {
+           int64_t x1, double* out, const StatsView& sv, Scratch& sc, std::vector<double>& wide,
+           const P* next = nullptr) {
   const bool R = b.refresh, one_sweep = n <= kGroup;
   double sums[4] = {};  // m'.m', g.g, c.c, c.m'
   const float* u[kMaxRank];
@@ -159,7 +163,8 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
     for (int j = 0; j < n; ++j) u[j] = src(U + j * b.ustride + xb, sc.at(j), L);
     Sums1 a{nullptr, src(m + xb, sc.at(n), L), src(g + xb, sc.at(n + 1), L),
-            R ? src(c + xb, sc.at(n + 2), L) : nullptr, sc.at(n + 3), nullptr, nullptr, nullptr, n};
+            R ? src(c + xb, sc.at(n + 2), L) : nullptr, sc.at(n + 3), nullptr, nullptr, nullptr, n,
+            next ? (const char*)(next + xb) : nullptr, (int)sizeof(P)};
     for (int j0 = 0; j0 < n; j0 += kGroup) {
       a.u = u + j0;
       a.um = out + sv.um + j0;

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from ginger_hf import kernel
+
 from test_readme import python_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +81,8 @@ def test_a_wheel_works_in_a_fresh_venv_with_torch_alone_then_with_the_hf_extra(t
           str(source)], tmp_path, env)
     (wheel,) = (tmp_path / "dist").glob("ginger_hf-*.whl")
     files = zipfile.ZipFile(wheel).namelist()
-    assert {"ginger_hf/_cpu_kernel.cpp", "ginger_hf/_cpu_passes.h", "ginger_hf/_cpu_solve.h",
-            "ginger_hf/trainer.py"} <= set(files)  # the kernel's sources: it is built on first use
+    sources = {f"ginger_hf/{path.name}" for path in (kernel._SOURCE, *kernel._HEADERS)}
+    assert sources | {"ginger_hf/trainer.py"} <= set(files)  # the kernel's sources: it is built on first use
     assert not [f for f in files if f.startswith("ginger_hf/") and not f.endswith((".py", ".cpp", ".h"))]  # no data
     assert not [f for f in files if "offline_tasks" in f or "recipes" in f]
 
