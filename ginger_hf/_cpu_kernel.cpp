@@ -3,7 +3,7 @@
 //
 // Two ways to run a step, each call covering every block of one rank n and one dtype pair:
 // - ginger_step, the whole step: after a scan for non-finite inputs, each block's pass 1, small solve
-//   and pass 2 run back to back while the block is in cache. Whole blocks are dealt to std::threads in
+//   and pass 2 run back to back while the block is in cache. Whole blocks are dealt to threads in
 //   contiguous runs of about equal cost: for many small blocks (rows of weight matrices).
 // - the two passes (ginger_pass1, ginger_pass2) with the batched solves between them, called from
 //   Python: for huge blocks, whose elements are split between threads in contiguous shares of the
@@ -51,12 +51,20 @@ struct Plan {
   }
 };
 
+// Runs f(0) .. f(nt - 1), one per thread. With OpenMP (the build asks for it) the threads are the process's
+// OpenMP pool, which is torch's own (the same libgomp, loaded once): the threads torch just used for the
+// backward pass take the work, instead of spinning beside new threads that compete with them for the cores.
 template <class F>
 void run_threads(int nt, F&& f) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
+  for (int t = 0; t < nt; ++t) f(t);
+#else
   std::vector<std::thread> th;
   for (int t = 1; t < nt; ++t) th.emplace_back(f, t);
   f(0);
   for (auto& x : th) x.join();
+#endif
 }
 
 template <class S, class P>

@@ -89,8 +89,11 @@ def _build() -> ctypes.CDLL | None:
         try:
             with tempfile.TemporaryDirectory(dir=lib.parent) as include:
                 Path(include, "ginger_interface.h").write_text(header)
-                proc = subprocess.run([cxx, *flags, "-I", include, str(_SOURCE), "-o", tmp], capture_output=True,
-                                      text=True)
+                for extra in (["-fopenmp"], []):  # OpenMP: torch's thread pool; without it, std::threads
+                    proc = subprocess.run([cxx, *flags, *extra, "-I", include, str(_SOURCE), "-o", tmp],
+                                          capture_output=True, text=True)
+                    if proc.returncode == 0:
+                        break
             if proc.returncode != 0:
                 warnings.warn(f"ginger_hf: could not build the CPU kernel, using the torch path:\n{proc.stderr[-2000:]}")
                 return None
