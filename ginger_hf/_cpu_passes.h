@@ -219,7 +219,10 @@ int64_t sweep2(const Sums2& a, const Scalars2& k, float w1, int64_t Lp) {
     if (FIRST) {
       dx = lerp<S>(ld(a.m + x), ld(a.g + x), w1);
       st(a.mo + x, dx);
-      if (ROT) vx = k.v_c * ld(a.c + x);
+      if (ROT) {
+        vx = k.v_c * ld(a.c + x);
+        asm("" : "+v"(vx));  // v_c c rounded on its own, as when it was stored: the same numbers as before
+      }
     } else {
       dx = ld(a.dir + x);
       if (ROT) vx = ld(a.v + x);
