@@ -221,7 +221,7 @@ int64_t sweep2(const Sums2& a, const Scalars2& k, float w1, int64_t Lp) {
       st(a.mo + x, dx);
       if (ROT) {
         vx = k.v_c * ld(a.c + x);
-        asm("" : "+v"(vx));  // v_c c rounded on its own, as when it was stored: the same numbers as before
+        round_here(vx);  // v_c c rounded on its own, then each basis row's term fused: the sweep-per-row order
       }
     } else {
       dx = ld(a.dir + x);
@@ -247,8 +247,14 @@ int64_t sweep2(const Sums2& a, const Scalars2& k, float w1, int64_t Lp) {
     d = d < k.nrho ? k.nrho : d;
     vf pv = ld(a.p + x);
     if (is_bf16<P>()) d = round_bf16(d);
-    if (k.do_decay) { pv *= k.decay; if (is_bf16<P>()) pv = round_bf16(pv); }
-    st(a.po + x, pv + k.nlr * d);
+    if (k.do_decay && !is_bf16<P>()) {  // p * decay + (-lr u) in one rounding (the previous kernel's order)
+      vf step = k.nlr * d;
+      round_here(step);
+      st(a.po + x, pv * k.decay + step);
+    } else {
+      if (k.do_decay) pv = round_bf16(pv * k.decay);
+      st(a.po + x, pv + k.nlr * d);
+    }
     if (ROT && UPD) for (int j = 0; j < NJ; ++j) st(a.uo[j] + x, ux[j] - SH[j] * vx);
     else if (ROT) st(a.v + x, vx);
   }

@@ -36,6 +36,16 @@ inline vd sq2(vf a, vf b) {
   vd y0 = __builtin_convertvector(b0, vd), y1 = __builtin_convertvector(b1, vd);
   return x0 * y0 + x1 * y1;
 }
+// Ends x's expression here: its product cannot be fused into the next addition, so the compiler fuses the
+// other one. Pins the rounding of a + b * c + d * e (which product shares the addition's rounding) to one
+// choice on every build (fused multiply-adds round once).
+inline void round_here(vf& x) {
+#if defined(__x86_64__)
+  asm("" : "+v"(x));
+#else
+  asm("" : "+m"(x));
+#endif
+}
 inline vu round_bf16_bits(vf x) {  // round to nearest even bfloat16: the high 16 bits
   vu b = (vu)x;
   return (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
