@@ -35,7 +35,8 @@ from torch import Tensor
 from .comm import exchange
 from .solve import (SOLVE_PARAMS, UPDATE_PARAMS, Blocks, CoefLayout, StatsLayout, counter_params, solve_keep,
                     solve_refresh, tensor_params, update_params)
-from .state_schema import Hyper, device_counters
+from .functional import Hyper
+from .state_schema import device_counters
 from .step_batch import TensorView, view_of
 
 __all__ = ["ginger"]

@@ -16,14 +16,39 @@ so that it can move ``U`` by cheap reflections; this reference makes ``R U`` exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .state_schema import BLOCKS, Hyper, block_shape, device_counters, host_counters, init_state
+from .state_schema import BLOCKS, block_shape, device_counters, host_counters, init_state
 
-__all__ = ["BLOCKS", "Hyper", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw",
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters of one tensor's step (a param group's values)."""
+
+    lr: float
+    beta2: float
+    damping: float
+    relative_damping: float = 0.0
+    power: float = 1.0
+    rho: float | None = None
+    weight_decay: float = 0.0
+    bias_correction: bool = False
+    blocks: str = "tensor"
+
+
+def hyper_of(group: dict[str, Any]) -> Hyper:
+    """A param group's ``Hyper``: its keys of the same names, ``beta2`` of its ``betas``, and one whole-tensor block
+    for a ``joint`` group."""
+    values = {f.name: group[f.name] for f in fields(Hyper) if f.name in group}
+    return Hyper(**{**values, "lr": float(group["lr"]), "beta2": group["betas"][1],
+                    "blocks": "tensor" if group["joint"] else group["blocks"]})
+
+
+__all__ = ["BLOCKS", "Hyper", "hyper_of", "block_shape", "init_state", "update_curvature", "precondition", "ginger", "adamw",
            "adamw_masked", "all_finite", "explicit_basis", "refresh_curvature", "update_energy", "update_momentum",
            "direction", "apply_step"]
 

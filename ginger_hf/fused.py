@@ -36,7 +36,7 @@ from . import kernel as _kernel
 from .comm import exchange
 from .solve import (SOLVE_PARAMS, UPDATE_PARAMS, Blocks, CoefLayout, StatsLayout, counter_params, solve_params,
                     tensor_params, update_params)
-from .state_schema import Hyper, host_counters
+from .state_schema import host_counters
 from .step_batch import view_of
 
 __all__ = ["ginger", "BACKENDS"]
@@ -65,7 +65,7 @@ def ginger(
     grads: list[Tensor],
     curvatures: list[Tensor | None],
     states: list[dict[str, Any]],
-    hypers: list[Hyper],
+    hypers: list[F.Hyper],
     *,
     beta1: float,
     backend: str | None = None,

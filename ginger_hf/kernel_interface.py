@@ -6,9 +6,9 @@ same names, ``kMaxRank``, ``kAbiVersion``) next to the source, so neither side h
 position. The per-block parameters of the small solves are ``solve.SOLVE_PARAMS`` (``Blocks``'
 fields), computed from a tensor's hyper-parameters and counters by ``solve.tensor_params`` and
 ``solve.counter_params`` for both fast paths (the kernel's rows here, the device step's table).
-Adding one touches three files: ``state_schema.py`` (a ``Hyper`` field, if it is a new setting),
-``solve.py`` (the ``Blocks`` field, how it is computed, its use in the torch solve) and
-``_cpu_solve.h`` (its use in the C++ solve, as ``prm[Param::name]``).
+Adding one touches three files: ``functional.py`` (a ``Hyper`` field, and its use in the reference
+step, the tests' oracle), ``solve.py`` (the ``Blocks`` field, how it is computed, its use in the torch
+solve) and ``_cpu_solve.h`` (its use in the C++ solve, as ``prm[Param::name]``).
 """
 
 from __future__ import annotations

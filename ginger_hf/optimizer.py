@@ -302,7 +302,7 @@ class Ginger(Optimizer):
                     target, g, c, view = sharding.localise(key, state, g, c)
                     sharded.append((state, view))
                     state, batch.group = view, placed.group
-                batch.add(target, g, c, state, schema.hyper_of(group), spans=placed is not None and placed.spans,
+                batch.add(target, g, c, state, F.hyper_of(group), spans=placed is not None and placed.spans,
                           block_length=placed and placed.block_numel)
                 if group["joint"]:
                     joints.append((target, params))

@@ -116,7 +116,7 @@ SOLVE_PARAMS = tuple(f.name for f in fields(Blocks) if f.name not in ("s", "R", 
 
 def tensor_params(h, k: int, dtype: torch.dtype) -> dict[str, float]:
     """What one tensor's ``SOLVE_PARAMS`` are computed from that the host knows before the step: the
-    hyper-parameters ``h`` (``state_schema.Hyper``), the block length ``k`` and the state dtype, and
+    hyper-parameters ``h`` (``functional.Hyper``), the block length ``k`` and the state dtype, and
     ``bias_correction`` (1.0 or 0.0) for ``counter_params``. Every ``SOLVE_PARAMS`` name not in
     ``counter_params`` is here."""
     return dict(k=k, beta2=h.beta2, damping=h.damping, relative_damping=h.relative_damping, power=h.power,

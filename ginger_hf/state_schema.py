@@ -1,5 +1,6 @@
-"""The state of one Ginger tensor, in one place: its keys, how it is created (unsharded and FSDP2), its counters,
-its size, and the hyper-parameters (``Hyper``) a param group gives its step.
+"""The state of one Ginger tensor, in one place: its keys, how it is created (unsharded and FSDP2), its counters
+and its size. (The hyper-parameters a param group gives its step, ``Hyper``, live with the reference step in
+``functional``.)
 
 State of one tensor; ``U[j]`` has the parameter's shape so that the state shards like the parameter:
 
@@ -24,42 +25,18 @@ loads on the other); ``int(state["step"])`` reads either.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCKS", "Hyper", "TENSORS", "COUNTERS", "hyper_of", "default_state_dtype", "state_bytes", "block_shape",
+__all__ = ["BLOCKS", "TENSORS", "COUNTERS", "default_state_dtype", "state_bytes", "block_shape",
            "init_state", "init_sharded_state", "host_counters", "device_counters", "clock", "tick", "local_state",
            "store_counters"]
 
 BLOCKS = ("tensor", "row")
 TENSORS = ("m", "U", "s", "R", "e")
 COUNTERS = ("step", "curvature_steps", "skipped", "curvature_skipped")
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """Hyper-parameters of one tensor's step (a param group's values)."""
-
-    lr: float
-    beta2: float
-    damping: float
-    relative_damping: float = 0.0
-    power: float = 1.0
-    rho: float | None = None
-    weight_decay: float = 0.0
-    bias_correction: bool = False
-    blocks: str = "tensor"
-
-
-def hyper_of(group: dict[str, Any]) -> Hyper:
-    """A param group's ``Hyper``: its keys of the same names, ``beta2`` of its ``betas``, and one whole-tensor block
-    for a ``joint`` group."""
-    values = {f.name: group[f.name] for f in fields(Hyper) if f.name in group}
-    return Hyper(**{**values, "lr": float(group["lr"]), "beta2": group["betas"][1],
-                    "blocks": "tensor" if group["joint"] else group["blocks"]})
 
 
 def default_state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .state_schema import Hyper
+from .functional import Hyper
 
 __all__ = ["StepBatch", "TensorView", "view_of"]
 

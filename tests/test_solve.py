@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ginger_hf import kernel, solve
-from ginger_hf.state_schema import Hyper
+from ginger_hf.functional import Hyper
 
 pytestmark = pytest.mark.skipif(not kernel.available(), reason="needs the C++ kernel (no compiler found)")
 
