@@ -289,6 +289,7 @@ class Ginger(Optimizer):
         joints, sharded = [], []
         for group, entries in plan:
             beta1 = group["betas"][0]
+            hyper = None if group["algorithm"] == "adamw" else F.hyper_of(group)
             for key, params, g, c in entries:
                 target = torch.cat([p.reshape(-1) for p in params]) if group["joint"] else key
                 state = self._state_for(key, group, target)
@@ -302,7 +303,7 @@ class Ginger(Optimizer):
                     target, g, c, view = sharding.localise(key, state, g, c)
                     sharded.append((state, view))
                     state, batch.group = view, placed.group
-                batch.add(target, g, c, state, F.hyper_of(group), spans=placed is not None and placed.spans,
+                batch.add(target, g, c, state, hyper, spans=placed is not None and placed.spans,
                           block_length=placed and placed.block_numel)
                 if group["joint"]:
                     joints.append((target, params))
