@@ -11,7 +11,9 @@ to the device (non-blocking copies, no synchronisation).
 Per device, the blocks of all tensors of one rank ``n`` are solved together: pass 1 writes every block's
 sums into one buffer per ``(n, refresh)`` group, the small float64 problems of the group run as one batch
 (``ginger_hf.solve``, Jacobi eigen-solves in ``ginger_hf.symeig``), and pass 2 reads its coefficient rows
-from one buffer. The passes run per tensor, in bounded chunks (eager) or as whole-tensor expressions
+from one buffer. The passes run per pack of tensors (off the CPU, small tensors of one signature are copied
+side by side and take each pass together, so that a step's launches grow with the packs, not the tensors;
+larger tensors and CPU tensors run alone), in bounded chunks (eager) or as whole-tensor expressions
 (``compiled=True``: ``torch.compile``, fused kernels on GPUs).
 
 Precision: the small problems run in float64 on every device, the precision the dense-reference tests
@@ -44,6 +46,11 @@ __all__ = ["ginger"]
 # Elements per chunk of the eager passes (temporaries are about (n + 4) * chunk float64).
 _CHUNK = {"cpu": 1 << 16}
 _CHUNK_DEFAULT = 1 << 22
+# Off the CPU, small tensors of one signature (rank, block length, dtypes) run their passes as one pack, copied
+# together: a pass's launches then grow with the packs, not the tensors. Larger tensors run alone, uncopied.
+_PACK_TENSOR = 1 << 20  # elements: a tensor up to this joins a pack
+_PACK_TOTAL = 1 << 22  # elements per pack (its copies are the temporaries)
+_UNPACKED = {"cpu"}  # devices whose tensors never pack: copies cost more there than the ops they save
 _SUMS = ("um", "mm", "gg", "gram", "uc", "cc", "cm")  # pass 1's sums, in _pass1_rows's order
 _REFRESH_COEFS = ("along", "v_c", "shift", "v_u")  # zero on a keep step
 
@@ -163,6 +170,51 @@ def _pass2(t: TensorView, w1: float, coefs: Tensor, ok: Tensor, fresh: Tensor | 
     return clipped
 
 
+def _signature(t: TensorView) -> tuple:
+    return (t.k, t.U.dtype, t.m.dtype, t.g.dtype, t.p.dtype, None if t.c is None else t.c.dtype)
+
+
+def _packs(views: list[TensorView], idx: list[int]) -> list[list[int]]:
+    """``idx`` (sorted by signature) cut into runs that take their passes together (``_PACK_*``)."""
+    packs, run, total = [], [], 0
+    for i in idx:
+        t = views[i]
+        size = t.B * t.k
+        small = size <= _PACK_TENSOR and t.U.device.type not in _UNPACKED
+        if run and small and _signature(t) == _signature(views[run[0]]) and total + size <= _PACK_TOTAL:
+            run.append(i)
+            total += size
+            continue
+        if run:
+            packs.append(run)
+        run, total = ([i], size) if small else ([], 0)
+        if not small:
+            packs.append([i])
+    return packs + ([run] if run else [])
+
+
+def _packed(vs: list[TensorView]) -> TensorView:
+    """One view over a pack's tensors, their blocks one after the other (copies, unless the pack is one tensor)."""
+    if len(vs) == 1:
+        return vs[0]
+    cat = lambda name, dim=0: torch.cat([getattr(v, name) for v in vs], dim)  # noqa: E731
+    return TensorView(U=cat("U", 1), m=cat("m"), g=cat("g"), c=None if vs[0].c is None else cat("c"), p=cat("p"),
+                      backend=vs[0].backend)
+
+
+def _unpack(t: TensorView, vs: list[TensorView]) -> None:
+    """Pass 2's writes to a pack's copies, back to its tensors (one foreach copy)."""
+    if len(vs) == 1:
+        return
+    sizes = [v.B for v in vs]
+    dests = [v.m for v in vs] + [v.p for v in vs]
+    values = [*t.m.split(sizes), *t.p.split(sizes)]
+    if t.c is not None:
+        dests += [v.U for v in vs]
+        values += t.U.split(sizes, 1)
+    _copy(dests, values)
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small host-built table (a list, or a list of rows) on ``device`` without a copy from the host (a blocking
     one waits for the device): zeros plus one foreach add whose scalars travel as kernel arguments. On CPU the
@@ -255,6 +307,8 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     groups: dict[tuple[int, bool], list[int]] = {}
     for i, t in enumerate(views):
         groups.setdefault((t.n, t.c is not None), []).append(i)
+    for idx in groups.values():  # tensors of one signature side by side, so that they can share a pack
+        idx.sort(key=lambda i: (views[i].k, str(_signature(views[i]))))
     layouts = {n: StatsLayout(n) for n, _ in groups}
 
     # pass 1: every block's sums, one buffer per group
@@ -267,7 +321,11 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
                                               _to_device(sizes, torch.int64, device), output_size=sum(sizes))
         for i, part in zip(idx, S.split(sizes)):
             sums[i] = part
-            _pass1(views[i], w1, layouts[key[0]], part, compiled)
+        start = 0
+        for pack in _packs(views, idx):
+            t = _packed([views[i] for i in pack])
+            _pass1(t, w1, layouts[key[0]], S.narrow(0, start, t.B), compiled)
+            start += t.B
 
     # the decisions, as masks: m'.m' and c.c are float64 sums of exact squares, finite iff every element is
     flags = torch.zeros(len(views), 2, dtype=torch.float64, device=device)
@@ -300,9 +358,14 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
         if stats is not None:
             gg = layouts[n].view(buffers[(n, fresh)], "gg")
             totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], gg]), 0).sum(1)
-        for i, coefs, ok_t, fresh_t in zip(idx, C.split(sizes), ok_b.split(sizes),
-                                           sel.split(sizes) if fresh else [None] * len(idx)):
-            clipped += _pass2(views[i], w1, coefs, ok_t, fresh_t, compiled)
+        start = 0
+        for pack in _packs(views, idx):
+            vs = [views[i] for i in pack]
+            t = _packed(vs)
+            rows = lambda x: x.narrow(0, start, t.B)  # noqa: E731
+            clipped += _pass2(t, w1, rows(C), rows(ok_b), rows(sel) if fresh else None, compiled)
+            _unpack(t, vs)
+            start += t.B
     if stats is not None:  # opt-in: reads the device
         numel = (applied.double() * _to_device([t.p.numel() for t in views], torch.float64, device)).sum()
         for key, value in zip(("update_sq", "span_sq", "grad_sq"), totals.tolist()):

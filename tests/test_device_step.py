@@ -8,7 +8,7 @@ from helpers import relative_error
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ginger_hf import Ginger, symeig
+from ginger_hf import Ginger, device_step, symeig
 
 # The devices the device path is checked on against the dense oracle: CPU, and CUDA where there is one
 # (scripts/gpu_check.sh runs this file on a GPU).
@@ -87,19 +87,19 @@ def test_the_sync_counter_sees_what_it_should():
     assert seen.seen == ["aten._local_scalar_dense.default"]
 
 
-def run_pair_on(device, hp, steps, interval, bad_step=None):
+def run_pair_on(device, hp, steps, interval, bad_step=None, shapes=SHAPES):
     """The device path (``backend="torch"``) on ``device``, the reference step (``backend="reference"``, CPU) and
     the dense oracle (float64, CPU), side by side.
 
     ``bad_step``: at that step, tensor 0's gradient and tensor 1's curvature vector hold a NaN (the dense
     oracle, which knows no skips, is then not stepped)."""
     gen = torch.Generator().manual_seed(3)
-    inits = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    inits = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     params = [torch.nn.Parameter(x.to(device)) for x in inits]
     refs = [torch.nn.Parameter(x.clone()) for x in inits]
     opt = Ginger(params, backend="torch", curvature="mc", curvature_interval=interval, **hp)
     ref = Ginger(refs, backend="reference", curvature="mc", curvature_interval=interval, **hp)
-    dense = DenseGinger(SHAPES, curvature_interval=interval, **hp)
+    dense = DenseGinger(shapes, curvature_interval=interval, **hp)
     thetas = [x.reshape(-1).clone() for x in inits]
     for t in range(steps):
         grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
@@ -149,6 +149,46 @@ def test_device_path_skips_non_finite_inputs_as_the_reference_does(device):
     for p, r in zip(params, refs):
         assert relative_error(p.detach().cpu(), r.detach()) <= 1e-11
     assert all(torch.isfinite(st[key]).all() for st in (first, second) for key in ("m", "U", "s", "R", "e"))
+
+
+LEVERS = {"paper": dict(blocks="tensor", power=1.0, damping=0.1, rho=1.0, relative_damping=0.0,
+                        bias_correction=False),
+          "recommended": dict(blocks="row", power=0.5, damping=1e-12, relative_damping=0.1, bias_correction=True,
+                              rho=None)}
+PACKED_SHAPES = [(6, 5), (4, 5), (7,), (6, 5), (2, 5), (6, 5)]  # several tensors of one signature
+
+
+@pytest.fixture
+def packing_on_cpu(monkeypatch):
+    """Small tensors pack off the CPU only; here they pack on CPU (where the results can be read), at most
+    64 elements a pack, so that the shapes above make several packs (row blocks: three of two tensors and
+    less; whole-tensor blocks: the two (6, 5) of the three). Returns the sizes (in tensors) of the packs
+    whose passes ran."""
+    monkeypatch.setattr(device_step, "_UNPACKED", set())
+    monkeypatch.setattr(device_step, "_PACK_TOTAL", 64)
+    seen = []
+    packed = device_step._packed
+    monkeypatch.setattr(device_step, "_packed", lambda vs: seen.append(len(vs)) or packed(vs))
+    return seen
+
+
+@pytest.mark.parametrize("lever", ["paper", "recommended"])
+def test_packed_passes_match_the_dense_oracle(packing_on_cpu, lever):
+    hp = dict(lr=0.05, betas=(0.9, 0.99), tau=3, weight_decay=0.1, **LEVERS[lever])
+    params, refs, thetas, _ = run_pair_on("cpu", hp, steps=12, interval=2, shapes=PACKED_SHAPES)
+    assert max(packing_on_cpu) > 1  # some tensors did take their passes together
+    for p, r, theta in zip(params, refs, thetas):
+        assert relative_error(p.detach(), theta) <= 1e-11
+        assert relative_error(p.detach(), r.detach()) <= 1e-11
+
+
+def test_a_packed_tensor_with_a_non_finite_gradient_is_left_as_it_was(packing_on_cpu):
+    hp = dict(lr=0.05, betas=(0.9, 0.99), tau=2, weight_decay=0.0, **LEVERS["recommended"])
+    params, refs, _, opt = run_pair_on("cpu", hp, steps=6, interval=1, bad_step=4, shapes=PACKED_SHAPES)
+    assert max(packing_on_cpu) > 1
+    assert int(opt.state[params[0]]["skipped"]) == 1 and int(opt.state[params[1]]["curvature_skipped"]) == 1
+    for p, r in zip(params, refs):
+        assert relative_error(p.detach(), r.detach()) <= 1e-11
 
 
 def test_counters_round_trip_through_a_checkpoint_between_paths():
