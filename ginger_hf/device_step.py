@@ -310,6 +310,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
     for idx in groups.values():  # tensors of one signature side by side, so that they can share a pack
         idx.sort(key=lambda i: (views[i].k, str(_signature(views[i]))))
     layouts = {n: StatsLayout(n) for n, _ in groups}
+    packs = {key: _packs(views, idx) for key, idx in groups.items()}
 
     # pass 1: every block's sums, one buffer per group
     sums: list[Tensor | None] = [None] * len(views)
@@ -322,7 +323,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
         for i, part in zip(idx, S.split(sizes)):
             sums[i] = part
         start = 0
-        for pack in _packs(views, idx):
+        for pack in packs[key]:
             t = _packed([views[i] for i in pack])
             _pass1(t, w1, layouts[key[0]], S.narrow(0, start, t.B), compiled)
             start += t.B
@@ -359,7 +360,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
             gg = layouts[n].view(buffers[(n, fresh)], "gg")
             totals += torch.where(ok_b, torch.stack([out["update_sq"], out["span_sq"], gg]), 0).sum(1)
         start = 0
-        for pack in _packs(views, idx):
+        for pack in packs[(n, fresh)]:
             vs = [views[i] for i in pack]
             t = _packed(vs)
             rows = lambda x: x.narrow(0, start, t.B)  # noqa: E731
