@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "_cpu_simd.h"  // vd: secular_roots' lanes
+
 namespace {
 
 constexpr int kMaxDim = kMaxRank + 1;  // the refresh's (n + 1)-sized eigenproblem
@@ -30,6 +32,16 @@ inline void matmul_tn(const double* A, const double* B, double* C, int r, int k,
       for (int j = 0; j < c; ++j) C[i * c + j] += x * B[l * c + j];
     }
 }
+
+// A rank-one eigenproblem between the stages of rank_one_eigh, for up to D slots: setup sorts and deflates,
+// leaving K poles and weights to the secular equation; its roots (one problem's alone, or many problems' at
+// once in SIMD lanes: secular_roots) fill origin and tau; finish makes the eigenpairs.
+template <int D>
+struct RankOne {
+  int m, K, J[D], origin[D];
+  double r, dd[D], u[D], Q[D * D], pole[D], w2[D], tau[D];
+  bool deflated[D];
+};
 
 // Eigen-solvers with stack arrays for matrices up to NR + 1 (the refresh's (n + 1)-sized problem).
 template <int NR>
@@ -88,16 +100,25 @@ struct Eigh {
   // step leaves the bracket), each root held as an offset from its nearer pole; the eigenvectors
   // (d - lam)^-1 z' use Gu and Eisenstat's z' recomputed from the roots, so they are orthogonal to rounding.
   static void rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {
+    RankOne<D> p;
+    setup(m, d, z, rho, p);
+    for (int root = 0; root < p.K; ++root) secular_root(p, root);
+    finish(p, lam, V);
+  }
+
+  // Sorts and deflates: what is left to the secular equation goes to p.pole, p.w2 (p.K of them).
+  static void setup(int m, const double* d, const double* z, double rho, RankOne<D>& p) {
     constexpr double eps = std::numeric_limits<double>::epsilon();
+    p.m = m;
+    double* dd = p.dd; double* u = p.u; double* Q = p.Q; bool* deflated = p.deflated;
     int idx[D];
     for (int i = 0; i < m; ++i) idx[i] = i;
     std::sort(idx, idx + m, [&](int a, int b) { return d[a] < d[b]; });
-    double dd[D], u[D], Q[D * D];  // sorted; Q's column i: slot i in K's coordinates
+    // dd, u: sorted; Q's column i: slot i in K's coordinates
     double zz = 0, dmax = 0;
     for (int i = 0; i < m; ++i) { zz += z[i] * z[i]; dmax = std::fmax(dmax, std::fabs(d[i])); }
-    const double r = rho * zz, zn = std::sqrt(zz), tol = 8 * eps * std::fmax(dmax, r);
+    const double r = p.r = rho * zz, zn = std::sqrt(zz), tol = 8 * eps * std::fmax(dmax, r);
     for (int i = 0; i < m * m; ++i) Q[i] = 0;
-    bool deflated[D];
     for (int i = 0; i < m; ++i) {
       dd[i] = d[idx[i]];
       u[i] = zz > 0 ? z[idx[i]] / zn : 0.0;
@@ -107,8 +128,10 @@ struct Eigh {
     for (int i = 0, prev = -1; i < m; ++i) {  // close poles: rotate u's weight from prev onto i
       if (deflated[i]) continue;
       if (prev >= 0) {
-        const double t = std::hypot(u[prev], u[i]), c = u[i] / t, s = u[prev] / t;
-        if (std::fabs((dd[i] - dd[prev]) * c * s) <= tol) {
+        // |(dd[i] - dd[prev]) c s| <= tol, with c s = u[i] u[prev] / t^2 (no hypot unless they deflate)
+        const double t2 = u[prev] * u[prev] + u[i] * u[i];
+        if (std::fabs((dd[i] - dd[prev]) * u[i] * u[prev]) <= tol * t2) {
+          const double t = std::hypot(u[prev], u[i]), c = u[i] / t, s = u[prev] / t;
           const double dp = dd[prev], di = dd[i];
           dd[prev] = c * c * dp + s * s * di;
           dd[i] = s * s * dp + c * c * di;
@@ -124,12 +147,18 @@ struct Eigh {
       }
       prev = i;
     }
-    int J[D], K = 0;  // the slots left to the secular equation, ascending poles
-    for (int i = 0; i < m; ++i) if (!deflated[i]) J[K++] = i;
-    double pole[D], w2[D], tau[D];
-    int origin[D];
-    for (int a = 0; a < K; ++a) { pole[a] = dd[J[a]]; w2[a] = r * u[J[a]] * u[J[a]]; }
-    for (int root = 0; root < K; ++root) {
+    int K = 0;  // the slots left to the secular equation, ascending poles
+    for (int i = 0; i < m; ++i) if (!deflated[i]) p.J[K++] = i;
+    p.K = K;
+    for (int a = 0; a < K; ++a) { p.pole[a] = dd[p.J[a]]; p.w2[a] = r * u[p.J[a]] * u[p.J[a]]; }
+  }
+
+  // One root of the secular equation 1 + sum_a w2[a] / (pole[a] - lam) = 0: its origin pole and tau.
+  static void secular_root(RankOne<D>& p, int root) {
+    constexpr double eps = std::numeric_limits<double>::epsilon();
+    const int K = p.K;
+    const double r = p.r, *pole = p.pole, *w2 = p.w2;
+    {
       // The root lies in (pole[root], pole[root + 1]) (the last one in (pole[K-1], pole[K-1] + r]): pick the
       // nearer pole as origin by the sign of f at the middle, then solve for tau = lam - pole[origin].
       const bool last = root == K - 1;
@@ -192,9 +221,16 @@ struct Eigh {
         t = next;
         if (done) break;
       }
-      origin[root] = o;
-      tau[root] = t;
+      p.origin[root] = o;
+      p.tau[root] = t;
     }
+  }
+
+  // The eigenpairs from the roots (lam ascending, eigenvectors in V's columns).
+  static void finish(const RankOne<D>& p, double* lam, double* V) {
+    const int m = p.m, K = p.K, *J = p.J, *origin = p.origin;
+    const double r = p.r, *pole = p.pole, *tau = p.tau, *dd = p.dd, *u = p.u, *Q = p.Q;
+    const bool* deflated = p.deflated;
     // Gu-Eisenstat: the z' for which the computed roots are exact; then the eigenvectors (pole - lam)^-1 z'.
     double zp[D];
     for (int i = 0; i < K; ++i) {
@@ -230,6 +266,101 @@ struct Eigh {
     }
   }
 };
+
+// The roots of up to WD rank-one problems at once: problem l in SIMD lane l, root i in vector i, each lane
+// frozen where Eigh::secular_root's iteration would stop, the vectors in lockstep. The last root's g is the
+// general one with its second factor 1 and no second pole. One problem's roots one by one are chains of
+// dependent divisions; side by side they keep the divider busy (a refresh's roots: 1,550 -> about 800 cycles
+// per block at tau 4).
+template <int D>
+void secular_roots(RankOne<D>* const* ps, int count) {
+  typedef long long vl __attribute__((vector_size(WD * 8)));
+  constexpr double eps = std::numeric_limits<double>::epsilon();
+  if (count == 0) return;
+  int K = 0;
+  double pl[D][WD] = {}, wl[D][WD] = {}, kl[WD], rl[WD];
+  for (int l = 0; l < WD; ++l) {  // lanes past count repeat problem 0; they are never active
+    const RankOne<D>& p = *ps[l < count ? l : 0];
+    for (int a = 0; a < p.K; ++a) { pl[a][l] = p.pole[a]; wl[a][l] = p.w2[a]; }
+    kl[l] = l < count ? p.K : 0;
+    rl[l] = p.r;
+    K = std::max(K, p.K);
+  }
+  vd pole[D], w[D];
+  for (int a = 0; a < K; ++a) { pole[a] = ldd(pl[a]); w[a] = ldd(wl[a]); }
+  const vd Kl = ldd(kl), zero = vd{}, one = zero + 1, tol = (Kl + 2) * eps;
+  auto vabs = [](vd x) { return x < 0 ? -x : x; };
+  vd PO[D], lo[D], hi[D], t[D], a1[D], a2[D], W1[D], W2[D];
+  vl last[D], near0[D], active[D];
+  bool busy[D];
+  for (int i = 0; i < K; ++i) {
+    last[i] = Kl == i + 1;
+    active[i] = Kl > i;
+    const vd p0 = pole[i], p1 = i + 1 < K ? (last[i] ? p0 : pole[i + 1]) : p0, r = ldd(rl);
+    W1[i] = w[i];
+    W2[i] = i + 1 < K ? (last[i] ? zero : w[i + 1]) : zero;
+    auto other = [&](int a) { return (Kl > a) & (a != i) & (last[i] | (a != i + 1)); };  // not multiplied out
+    // Origin and bracket: the sign of f at the middle of (pole[i], pole[i + 1]).
+    const vd mid = (p1 - p0) / 2;
+    vd f = one;
+    for (int a = 0; a < K; ++a) f += Kl > a ? w[a] / ((pole[a] - p0) - mid) : zero;
+    near0[i] = last[i] | (f >= 0);
+    PO[i] = near0[i] ? p0 : p1;
+    lo[i] = last[i] ? zero : near0[i] ? zero : (p0 - p1) + mid;
+    hi[i] = last[i] ? r : near0[i] ? mid : zero;
+    a1[i] = p0 - PO[i];
+    a2[i] = last[i] ? zero : p1 - PO[i];
+    // Start where g is zero with the other poles' sum frozen at the probe (a quadratic; the last root: linear).
+    const vd probe = last[i] ? hi[i] : (a1[i] + a2[i]) / 2;
+    vd H0 = one;
+    for (int a = 0; a < K; ++a) H0 += other(a) ? w[a] / ((pole[a] - PO[i]) - probe) : zero;
+    const vd mid_t = (lo[i] + hi[i]) / 2;
+    const vd A = H0, B = -(H0 * (a1[i] + a2[i]) + W1[i] + W2[i]);
+    const vd C = H0 * a1[i] * a2[i] + W1[i] * a2[i] + W2[i] * a1[i], disc = B * B - 4 * A * C;
+    double sq[WD];
+    for (int l = 0; l < WD; ++l) sq[l] = std::copysign(std::sqrt(std::fmax(disc[l], 0.0)), B[l]);
+    const vd q = -(B + ldd(sq)) / 2, x1 = A != 0 ? q / A : -C / B, x2 = q != 0 ? C / q : x1;
+    const vd guess = last[i] ? (H0 > 0 ? W1[i] / H0 : mid_t)
+                             : disc >= 0 ? ((x1 > lo[i]) & (x1 < hi[i]) ? x1 : x2) : mid_t;
+    t[i] = (guess > lo[i]) & (guess < hi[i]) ? guess : mid_t;
+    busy[i] = true;
+  }
+  for (int it = 0; it < 100; ++it) {
+    bool any = false;
+    for (int i = 0; i < K; ++i) {
+      if (!busy[i]) continue;
+      vd H = one, dH = zero, Habs = one;
+      for (int a = 0; a < K; ++a) {
+        const vl other = (Kl > a) & (a != i) & (last[i] | (a != i + 1));
+        const vd qa = 1 / ((pole[a] - PO[i]) - t[i]), term = other ? w[a] * qa : zero;
+        H += term;
+        Habs += vabs(term);
+        dH += term * qa;
+      }
+      const vd d1 = a1[i] - t[i], f2 = last[i] ? one : a2[i] - t[i], P = d1 * f2;
+      const vd g = P * H + W1[i] * f2 + W2[i] * d1;
+      const vd dg = (last[i] ? -one : 2 * t[i] - a1[i] - a2[i]) * H + P * dH - (last[i] ? zero : W1[i]) - W2[i];
+      const vd err = vabs(P) * Habs + W1[i] * vabs(f2) + W2[i] * vabs(d1);
+      const vl step = active[i] & ~(vabs(g) <= tol * err);
+      lo[i] = step & (g > 0) ? t[i] : lo[i];
+      hi[i] = step & ~(g > 0) ? t[i] : hi[i];
+      vd next = dg < 0 ? t[i] - g / dg : (lo[i] + hi[i]) / 2;
+      next = (next > lo[i]) & (next < hi[i]) ? next : (lo[i] + hi[i]) / 2;
+      const vl done = (vabs(next - t[i]) <= 2 * eps * vabs(next)) | (hi[i] - lo[i] <= 2 * eps * vabs(t[i]));
+      t[i] = step ? next : t[i];
+      active[i] = step & ~done;
+      busy[i] = false;
+      for (int l = 0; l < WD; ++l) busy[i] |= active[i][l] != 0;
+      any |= busy[i];
+    }
+    if (!any) break;
+  }
+  for (int l = 0; l < count; ++l)
+    for (int i = 0; i < ps[l]->K; ++i) {
+      ps[l]->origin[i] = near0[i][l] ? i : i + 1;
+      ps[l]->tau[i] = t[i][l];
+    }
+}
 
 inline void rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {
   Eigh<kMaxRank>::rank_one_eigh(m, d, z, rho, lam, V);

@@ -2,9 +2,9 @@
 // headers: built once with the system compiler and loaded with ctypes.
 //
 // Two ways to run a step, each call covering every block of one rank n and one dtype pair:
-// - ginger_step, the whole step: after a scan for non-finite inputs, each block's pass 1, small solve
-//   and pass 2 run back to back while the block is in cache. Whole blocks are dealt to threads in
-//   contiguous runs of about equal cost: for many small blocks (rows of weight matrices).
+// - ginger_step, the whole step: after a scan for non-finite inputs, eight blocks at a time take their
+//   passes 1, their small solves and their passes 2 while the eight are in cache (_cpu_batch.h). Whole
+//   blocks are dealt to threads in contiguous runs of about equal cost: for many small blocks (rows).
 // - the two passes (ginger_pass1, ginger_pass2) with the batched solves between them, called from
 //   Python: for huge blocks, whose elements are split between threads in contiguous shares of the
 //   work, and for sharded tensors, whose sums are completed across ranks between the passes.
@@ -25,6 +25,7 @@
 #include "ginger_interface.h"  // generated from ginger_hf/kernel_interface.py: the tables' named fields
 #include "_cpu_solve.h"        // the small per-block solves
 #include "_cpu_passes.h"       // the streaming passes over a block
+#include "_cpu_batch.h"        // a whole step's blocks, eight at a time
 
 namespace {
 
@@ -141,62 +142,6 @@ bool all_finite(const bf16* x, int64_t k) {
   return true;
 }
 
-struct StepBlock {
-  int tensor;
-  int64_t b;  // block index in its tensor
-};
-
-template <class S, class P>
-int64_t step_block(int n, const int64_t* T, int64_t bi, bool refresh, const double* prm_in, float w1,
-                   const StatsView& sv, const CoefView& cv, Scratch& sc1, Scratch& sc2, std::vector<double>& wide,
-                   double* stats, double* co, float* cf, double* res) {
-  const int64_t B = T[TensorRow::B], k = T[TensorRow::k];
-  Block b{k, refresh, B * k};
-  const int64_t off = bi * k;
-  S* U = (S*)T[TensorRow::U] + off;
-  S* m = (S*)T[TensorRow::m] + off;
-  const P* g = (const P*)T[TensorRow::g] + off;
-  P* p = (P*)T[TensorRow::p] + off;
-  const P* c = refresh ? (const P*)T[TensorRow::c] + off : nullptr;
-  double* s = (double*)T[TensorRow::s] + bi * n;
-  double* R = (double*)T[TensorRow::R] + bi * n * n;
-  double* e = (double*)T[TensorRow::e] + bi;
-  double prm[Param::count];
-  std::memcpy(prm, prm_in, sizeof prm);
-  if (!refresh) prm[Param::debias] = prm[Param::debias_keep];
-  std::fill(stats, stats + sv.width, 0.0);
-  pass1<S, P>(n, b, U, m, g, c, w1, 0, k, stats, sv, sc1, wide, p);
-  res[Result::grad_sq] = stats[sv.gg];
-  res[Result::update_sq] = res[Result::span_sq] = 0;
-  res[Result::untouched] = 1;
-  if (!std::isfinite(stats[sv.mm])) return 0;
-  const RefreshOut ro(n, cv.width);
-  std::fill(co, co + ro.width, 0.0);
-  bool rotate = false;
-  if (refresh) {
-    solve_block(n, stats, sv, s, R, *e, prm, co, cv);
-    std::memcpy(s, co + ro.s, sizeof(double) * n);
-    std::memcpy(R, co + ro.R, sizeof(double) * n * n);
-    *e = co[ro.e];
-    rotate = co[ro.rotate] > 0;
-    res[Result::update_sq] = co[ro.update_sq];
-    res[Result::span_sq] = co[ro.span_sq];
-  } else {
-    keep_block(n, stats, sv, s, R, *e, prm, co, cv);
-    const double* rest = co + cv.width;
-    res[Result::update_sq] = rest[KeepOut::update_sq];
-    res[Result::span_sq] = rest[KeepOut::span_sq];
-    *e = rest[KeepOut::e];
-  }
-  res[Result::untouched] = 0;
-  for (int64_t j = 0; j < cv.width; ++j) cf[j] = (float)co[j];
-  cf[cv.lr] = (float)prm[Param::lr];
-  cf[cv.decay] = (float)prm[Param::decay];
-  cf[cv.rho] = (float)prm[Param::rho];
-  b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
-  return pass2<S, P>(n, b, U, m, g, p, c, w1, cf, cv, 0, k, sc2);
-}
-
 template <class S, class P>
 int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* params, float w1,
                  const StatsView& sv, const CoefView& cv, double* results, int64_t* finite, int nt) {
@@ -234,26 +179,13 @@ int64_t run_step(int n, int nt_tensors, const int64_t* tensors, const double* pa
       for (int h = 0; h < nt; ++h) any_bad |= bad[h][Finite::count * t + f] != 0;
       finite[Finite::count * t + f] = !any_bad;
     }
-  auto steps = [&](int t) { return finite[Finite::count * t + Finite::grad] != 0; };
-  auto refreshes = [&](int t) { return row(t)[TensorRow::refresh] && finite[Finite::count * t + Finite::curvature]; };
   // Phase 2: the step of every block of the tensors that take one.
   std::vector<int64_t> clipped(nt, 0);
   run_threads(nt, [&](int t) {
-    Scratch sc1(n + 4), sc2(10);
-    std::vector<double> wide((size_t)n * kWideStride), stats(sv.width), co(RefreshOut(n, cv.width).width);
-    std::vector<float> cf(cv.width);
-    for (int i = edge[t]; i < edge[t + 1]; ++i) {
-      const int tensor = blocks[i].tensor;
-      double* res = results + (int64_t)Result::count * i;
-      if (!steps(tensor)) {
-        std::fill(res, res + Result::count, 0.0);
-        res[Result::untouched] = 1;
-        continue;
-      }
-      clipped[t] += step_block<S, P>(n, row(tensor), blocks[i].b, refreshes(tensor),
-                                     params + (int64_t)Param::count * tensor, w1, sv, cv, sc1, sc2, wide,
-                                     stats.data(), co.data(), cf.data(), res);
-    }
+    by_rank(n, [&](auto k) {
+      clipped[t] = step_blocks<decltype(k), S, P>(n, blocks, edge[t], edge[t + 1], tensors, finite, params, w1, sv,
+                                                  cv, results);
+    });
   });
   int64_t sum = 0;
   for (int64_t c : clipped) sum += c;

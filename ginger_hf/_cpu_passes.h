@@ -200,6 +200,19 @@ struct Sums2 {
   const float* shrink;       // a, v_u and shift of this sweep's rows
   const float* v_u;
   const float* shift;
+  const char* const* ahead;  // another block's streams at this chunk, prefetched (first sweep only)
+  const int* ahead_size;     // their bytes per element
+  int nahead;
+};
+
+// The streams of a block that a later pass 1 reads, which pass 2 prefetches meanwhile: pass 2 works from
+// cache, and memory would idle.
+struct Ahead {
+  const char* p[kMaxRank + 4];
+  int size[kMaxRank + 4];
+  int count = 0;
+  int64_t span = 0;  // its elements
+  template <class T> void add(const T* x) { if (x) { p[count] = (const char*)x; size[count++] = (int)sizeof(T); } }
 };
 struct Scalars2 {
   vf scale, along, nlr, decay, rho, nrho, v_c;
@@ -215,6 +228,7 @@ int64_t sweep2(const Sums2& a, const Scalars2& k, float w1, int64_t Lp) {
   for (int j = 0; j < NJ; ++j) { A[j] = splat(a.shrink[j]); VU[j] = splat(a.v_u[j]); SH[j] = splat(a.shift[j]); }
   vu nclip = vu{};
   for (int64_t x = 0; x < Lp; x += W) {
+    for (int i = 0; i < a.nahead; ++i) __builtin_prefetch(a.ahead[i] + x * a.ahead_size[i], 0, 2);
     vf dx, vx = vf{};
     if (FIRST) {
       dx = lerp<S>(ld(a.m + x), ld(a.g + x), w1);
@@ -284,7 +298,7 @@ int64_t sweep2_rows(const Sums2& a, const Scalars2& k, float w1, int64_t Lp, boo
 // Returns how many coordinates the clip cut.
 template <class S, class P>
 int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, float w1, const float* coef,
-              const CoefView& cv, int64_t x0, int64_t x1, Scratch& sc) {
+              const CoefView& cv, int64_t x0, int64_t x1, Scratch& sc, const Ahead* later = nullptr) {
   const bool R = b.refresh, one_sweep = n <= kGroup;
   const Scalars2 k{splat(coef[cv.scale]), splat(coef[cv.along]), splat(-coef[cv.lr]), splat(coef[cv.decay]),
                    splat(coef[cv.rho]), splat(-coef[cv.rho]), splat(coef[cv.v_c]), coef[cv.decay] != 1.f};
@@ -295,8 +309,15 @@ int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, f
     const int64_t L = xb + CHUNK < x1 ? CHUNK : x1 - xb, Lp = (L + W - 1) / W * W;
     Sums2 a{u, uo, src(m + xb, sc.at(0), L), src(g + xb, sc.at(1), L), R ? src(c + xb, sc.at(3), L) : nullptr,
             src(p + xb, sc.at(2), L), dst(m + xb, sc.at(0), L), dst(p + xb, sc.at(2), L), sc.at(4), sc.at(5),
-            nullptr, nullptr, nullptr};
+            nullptr, nullptr, nullptr, nullptr, nullptr, 0};
+    const char* ahead[kMaxRank + 4];
+    if (later) {  // as far into the later block as this chunk is into this one
+      for (int i = 0; i < later->count; ++i) ahead[i] = xb < later->span ? later->p[i] + xb * later->size[i] : nullptr;
+      a.ahead = ahead;
+      a.ahead_size = later->size;
+    }
     for (int j0 = 0; j0 < n; j0 += kGroup) {
+      a.nahead = later && j0 == 0 && xb < later->span ? later->count : 0;
       const int nj = n - j0 < kGroup ? n - j0 : kGroup;
       for (int j = 0; j < nj; ++j) {
         S* Uj = U + (j0 + j) * b.ustride + xb;

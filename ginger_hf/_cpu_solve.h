@@ -124,22 +124,38 @@ struct Solve {
     span_sq = scale * scale * span;
   }
 
+  // One block's refresh solve between its stages (refresh_begin, then the roots of its eigenproblem, then
+  // refresh_end): the roots of many blocks are found side by side (secular_roots).
+  struct Refresh {
+    double W[NR * NR], Wi[NR * NR], RB[NR * NR], kk[NR], r;
+    bool rotate;
+    RankOne<NR + 1> eig;
+  };
+
   // Solve one block; out row: coefficients (CoefView places; lr, decay, rho left to the caller), then the
   // RefreshOut fields (new s, R, e, rotate, update_sq, span_sq).
   static void solve_block(int n, const double* stats, const StatsView& sv, const double* s, const double* Rin, double e,
                    const double* prm, double* out, const CoefView& cv) {
+    Refresh q;
+    refresh_begin(n, stats, sv, s, Rin, prm, q);
+    for (int root = 0; root < q.eig.K; ++root) Eigh<NR>::secular_root(q.eig, root);
+    refresh_end(n, stats, sv, e, prm, out, cv, q);
+  }
+
+  // Up to the eigenproblem K = beta2 diag(s, 0) + (1 - beta2) z z^T, sorted and deflated in q.eig.
+  static void refresh_begin(int n, const double* stats, const StatsView& sv, const double* s, const double* Rin,
+                            const double* prm, Refresh& q) {
     if constexpr (N > 0) n = N;
     constexpr int N2 = NR * NR;
     const int m = n + 1;
     const double beta2 = prm[Param::beta2], tol = prm[Param::tolerance];
-    double G[N2], W[N2], Wi[N2], RB[N2], tmp[N2], Z[N2], Y[N2];
+    double G[N2], tmp[N2], Z[N2], Y[N2];
+    double *W = q.W, *Wi = q.Wi, *RB = q.RB, *kk = q.kk;  // kk: c in the orthonormal basis W U
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) G[i * n + j] = i <= j ? stats[sv.gram + i * n + j] : stats[sv.gram + j * n + i];
     const double* uc = stats + sv.uc;
-    const double* um = stats + sv.um;
-    const double cc = stats[sv.cc], cm = stats[sv.cm], mm = stats[sv.mm];
+    const double cc = stats[sv.cc];
     inverse_sqrt(n, G, W, Wi);
-    double kk[NR];  // c in the orthonormal basis W U
     for (int i = 0; i < n; ++i) { kk[i] = 0; for (int j = 0; j < n; ++j) kk[i] += W[i * n + j] * uc[j]; }
     matmul(Rin, Wi, tmp, n, n, n);  // the eigenbasis in W U: orthogonal up to rounding, made exactly so
     matmul_tn(tmp, tmp, G, n, n, n);
@@ -147,23 +163,37 @@ struct Solve {
     matmul(tmp, Z, RB, n, n, n);
     double r2 = cc;
     for (int i = 0; i < n; ++i) r2 -= kk[i] * kk[i];
-    double r = std::sqrt(std::fmax(r2, 0.0));
-    const bool rotate = r > tol * std::sqrt(cc);
-    if (!rotate) r = 0;
-    // K = beta2 diag(s, 0) + (1 - beta2) z z^T in (old eigenbasis, residual); in span, the residual slot is
-    // pinned at -1, below the rest, so that it is the one dropped: the n-sized problem is all that is left.
-    double z[(NR + 1)], dg[(NR + 1)], lam[(NR + 1)], V[(NR + 1) * (NR + 1)], Vs[(NR + 1) * (NR + 1)];
+    q.r = std::sqrt(std::fmax(r2, 0.0));
+    q.rotate = q.r > tol * std::sqrt(cc);
+    if (!q.rotate) q.r = 0;
+    // K in (old eigenbasis, residual); in span, the residual slot is pinned at -1, below the rest, so that it
+    // is the one dropped: the n-sized problem is all that is left.
+    double z[NR + 1], dg[NR + 1];
     for (int i = 0; i < n; ++i) {
       z[i] = 0;
       for (int j = 0; j < n; ++j) z[i] += RB[i * n + j] * kk[j];
       dg[i] = beta2 * s[i];
     }
-    z[n] = r;
+    z[n] = q.r;
     dg[n] = 0;
+    Eigh<NR>::setup(q.rotate ? m : n, dg, z, 1 - beta2, q.eig);
+  }
+
+  // From the eigenproblem's roots to the coefficients and the new state (solve_block's out row).
+  static void refresh_end(int n, const double* stats, const StatsView& sv, double e, const double* prm, double* out,
+                          const CoefView& cv, const Refresh& q) {
+    if constexpr (N > 0) n = N;
+    constexpr int N2 = NR * NR;
+    const int m = n + 1;
+    const double *W = q.W, *Wi = q.Wi, *RB = q.RB, *kk = q.kk, r = q.r;
+    const bool rotate = q.rotate;
+    const double* um = stats + sv.um;
+    const double cm = stats[sv.cm], mm = stats[sv.mm];
+    double lam[NR + 1], V[(NR + 1) * (NR + 1)], Vs[(NR + 1) * (NR + 1)], tmp[N2];
     if (rotate) {
-      Eigh<NR>::rank_one_eigh(m, dg, z, 1 - beta2, lam, V);
+      Eigh<NR>::finish(q.eig, lam, V);
     } else {
-      Eigh<NR>::rank_one_eigh(n, dg, z, 1 - beta2, lam + 1, Vs);
+      Eigh<NR>::finish(q.eig, lam + 1, Vs);
       lam[0] = -1;
       for (int i = 0; i < m; ++i)
         for (int j = 0; j < m; ++j) V[i * m + j] = j == 0 ? (i == n) : i == n ? 0.0 : Vs[i * n + j - 1];

@@ -41,7 +41,8 @@ __all__ = ["available", "applies", "why_not", "pass1", "pass2", "solve_refresh",
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
-_HEADERS = tuple(Path(__file__).with_name(h) for h in ("_cpu_eigh.h", "_cpu_solve.h", "_cpu_simd.h", "_cpu_passes.h"))  # included by the source, beside it
+_HEADERS = tuple(Path(__file__).with_name(h) for h in  # included by the source, beside it
+                 ("_cpu_eigh.h", "_cpu_solve.h", "_cpu_simd.h", "_cpu_passes.h", "_cpu_batch.h"))
 # Below this many elements in a call, one thread does the whole pass.
 _SERIAL_ELEMENTS = 1 << 16
 _lib = None

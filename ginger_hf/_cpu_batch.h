@@ -1,0 +1,130 @@
+// A whole step's blocks, eight at a time (ginger_step in _cpu_kernel.cpp deals them to threads): the eight
+// blocks' passes 1, their small solves with a refresh's eigenproblem roots side by side (secular_roots, one
+// block per SIMD lane), then their passes 2, while the eight blocks are in cache; each pass 2 prefetches the
+// block in its lane of the next eight. Included by _cpu_kernel.cpp after _cpu_solve.h and _cpu_passes.h.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+struct StepBlock {
+  int tensor;
+  int64_t b;  // block index in its tensor
+};
+
+// Block bi of one tensor in a whole step: where its data and small state are, and its solve's parameters.
+template <class S, class P>
+struct RowBlock {
+  Block b;
+  S *U, *m;
+  const P *g, *c;
+  P* p;
+  double *s, *R, *e, prm[Param::count];
+  RowBlock(int n, const int64_t* T, int64_t bi, bool refresh, const double* prm_in) {
+    const int64_t B = T[TensorRow::B], k = T[TensorRow::k], off = bi * k;
+    b = {k, refresh, B * k};
+    U = (S*)T[TensorRow::U] + off;
+    m = (S*)T[TensorRow::m] + off;
+    g = (const P*)T[TensorRow::g] + off;
+    p = (P*)T[TensorRow::p] + off;
+    c = refresh ? (const P*)T[TensorRow::c] + off : nullptr;
+    s = (double*)T[TensorRow::s] + bi * n;
+    R = (double*)T[TensorRow::R] + bi * n * n;
+    e = (double*)T[TensorRow::e] + bi;
+    std::memcpy(prm, prm_in, sizeof prm);
+    if (!refresh) prm[Param::debias] = prm[Param::debias_keep];
+  }
+};
+
+// A thread's run of whole blocks, eight at a time: each one's pass 1; their solves, a refresh's eigenproblem
+// roots side by side (secular_roots); each one's pass 2. Eight blocks' data stay in cache meanwhile.
+template <class Sv, class S, class P>
+int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int to, const int64_t* tensors,
+                    const int64_t* finite, const double* params, float w1, const StatsView& sv, const CoefView& cv,
+                    double* results) {
+  auto row = [&](int t) { return tensors + (int64_t)TensorRow::count * t; };
+  auto steps = [&](int t) { return finite[Finite::count * t + Finite::grad] != 0; };
+  auto refreshes = [&](int t) { return row(t)[TensorRow::refresh] && finite[Finite::count * t + Finite::curvature]; };
+  constexpr int kBatch = WD;  // one block per lane of secular_roots
+  const RefreshOut ro(n, cv.width);
+  Scratch sc1(n + 4), sc2(10);
+  std::vector<double> wide((size_t)n * kWideStride), stats(kBatch * sv.width), co(kBatch * ro.width);
+  std::vector<float> cf(cv.width);
+  std::vector<typename Sv::Refresh> solves(kBatch);
+  std::vector<RowBlock<S, P>> rows;
+  rows.reserve(kBatch);
+  int64_t clipped = 0;
+  for (int i0 = from; i0 < to; i0 += kBatch) {
+    const int count = std::min(kBatch, to - i0);
+    rows.clear();
+    bool live[kBatch];
+    RankOne<Sv::NR + 1>* eig[kBatch];
+    int neig = 0;
+    for (int j = 0; j < count; ++j) {  // pass 1, and a refresh's solve up to its eigenproblem
+      const int tensor = blocks[i0 + j].tensor;
+      double* res = results + (int64_t)Result::count * (i0 + j);
+      rows.emplace_back(n, row(tensor), blocks[i0 + j].b, refreshes(tensor), params + (int64_t)Param::count * tensor);
+      RowBlock<S, P>& q = rows.back();
+      double* st = stats.data() + j * sv.width;
+      std::fill(res, res + Result::count, 0.0);
+      res[Result::untouched] = 1;
+      live[j] = false;
+      if (!steps(tensor)) continue;
+      std::fill(st, st + sv.width, 0.0);
+      pass1<S, P>(n, q.b, q.U, q.m, q.g, q.c, w1, 0, q.b.k, st, sv, sc1, wide, q.p);
+      res[Result::grad_sq] = st[sv.gg];
+      live[j] = std::isfinite(st[sv.mm]);
+      if (!live[j] || !q.b.refresh) continue;
+      Sv::refresh_begin(n, st, sv, q.s, q.R, q.prm, solves[j]);
+      eig[neig++] = &solves[j].eig;
+    }
+    secular_roots(eig, neig);
+    for (int j = 0; j < count; ++j) {  // the rest of each solve, the new small state, pass 2
+      if (!live[j]) continue;
+      RowBlock<S, P>& q = rows[j];
+      const double* st = stats.data() + j * sv.width;
+      double* o = co.data() + j * ro.width;
+      double* res = results + (int64_t)Result::count * (i0 + j);
+      std::fill(o, o + ro.width, 0.0);
+      bool rotate = false;
+      if (q.b.refresh) {
+        Sv::refresh_end(n, st, sv, *q.e, q.prm, o, cv, solves[j]);
+        std::memcpy(q.s, o + ro.s, sizeof(double) * n);
+        std::memcpy(q.R, o + ro.R, sizeof(double) * n * n);
+        *q.e = o[ro.e];
+        rotate = o[ro.rotate] > 0;
+        res[Result::update_sq] = o[ro.update_sq];
+        res[Result::span_sq] = o[ro.span_sq];
+      } else {
+        Sv::keep_block(n, st, sv, q.s, q.R, *q.e, q.prm, o, cv);
+        const double* rest = o + cv.width;
+        res[Result::update_sq] = rest[KeepOut::update_sq];
+        res[Result::span_sq] = rest[KeepOut::span_sq];
+        *q.e = rest[KeepOut::e];
+      }
+      res[Result::untouched] = 0;
+      for (int64_t x = 0; x < cv.width; ++x) cf[x] = (float)o[x];
+      cf[cv.lr] = (float)q.prm[Param::lr];
+      cf[cv.decay] = (float)q.prm[Param::decay];
+      cf[cv.rho] = (float)q.prm[Param::rho];
+      q.b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
+      Ahead later;  // the block in this lane of the next eight
+      if (i0 + kBatch + j < to && steps(blocks[i0 + kBatch + j].tensor)) {
+        const StepBlock& nb = blocks[i0 + kBatch + j];
+        const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor), q.prm);
+        later.add(r.m); later.add(r.g); later.add(r.p); later.add(r.c);
+        for (int u = 0; u < n; ++u) later.add(r.U + u * r.b.ustride);
+        later.span = r.b.k;
+      }
+      clipped += pass2<S, P>(n, q.b, q.U, q.m, q.g, q.p, q.c, w1, cf.data(), cv, 0, q.b.k, sc2,
+                             later.count ? &later : nullptr);
+    }
+  }
+  return clipped;
+}
+
+}  // namespace
