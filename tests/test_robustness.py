@@ -96,6 +96,27 @@ def test_non_finite_gradient_skips_only_that_tensor(bad):
     assert opt.state[good]["step"] == 4 and opt.state[good]["skipped"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_non_finite_number_anywhere_in_a_tensor_is_found(dtype):
+    """The kernel checks every row of a tensor before it writes any: a NaN in the first or last row, at either
+    end of a row or between the two threads' shares leaves the tensor untouched; a tensor beside it steps."""
+    shape, size = (37, 53), 37 * 53
+    for where in (0, size // 8, size // 4 - 1, size // 4, size // 2, size - 2, size - 1):
+        torch.manual_seed(0)
+        poisoned, good = torch.nn.Parameter(torch.randn(shape).to(dtype)), torch.nn.Parameter(torch.randn(9).to(dtype))
+        opt = Ginger([poisoned, good], lr=0.1, tau=2, curvature="mc")  # row blocks: the kernel's whole step
+        for step in range(3):
+            for p in (poisoned, good):
+                p.grad, p.curvature = torch.randn(p.shape).to(dtype), torch.randn(p.shape).to(dtype)
+            if step == 2:
+                before, other = poisoned.detach().clone(), good.detach().clone()
+                poisoned.grad.view(-1)[where] = float("nan")
+            opt.step()
+        assert torch.equal(poisoned.detach(), before), where
+        assert not torch.equal(good.detach(), other), where
+        assert opt.state[poisoned]["skipped"] == 1, where
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("preset", ["recommended", "paper"])
 def test_non_finite_curvature_with_a_finite_gradient_still_steps(bad, preset):
