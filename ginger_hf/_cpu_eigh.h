@@ -34,8 +34,8 @@ inline void matmul_tn(const double* A, const double* B, double* C, int r, int k,
 }
 
 // A rank-one eigenproblem between the stages of rank_one_eigh, for up to D slots: setup sorts and deflates,
-// leaving K poles and weights to the secular equation; its roots (one problem's alone, or many problems' at
-// once in SIMD lanes: secular_roots) fill origin and tau; finish makes the eigenpairs.
+// leaving K poles and weights to the secular equation; secular_roots (up to WD problems at once) fills origin
+// and tau; finish makes the eigenpairs.
 template <int D>
 struct RankOne {
   int m, K, J[D], origin[D];
@@ -43,235 +43,15 @@ struct RankOne {
   bool deflated[D];
 };
 
-// Eigen-solvers with stack arrays for matrices up to NR + 1 (the refresh's (n + 1)-sized problem).
-template <int NR>
-struct Eigh {
-  static constexpr int D = NR + 1;
-
-  // Cyclic Jacobi: S (symmetric, n x n) = V diag(w) V^T, w ascending, eigenvectors in V's columns. Only the
-  // fallback of inverse_sqrt for a Gram matrix far from I (the refresh's eigenproblem is rank_one_eigh's).
-  static void jacobi_eigh(int n, const double* S, double* w, double* V) {
-    double A[D * D], U[D * D];
-    std::memcpy(A, S, sizeof(double) * n * n);
-    double norm = 0;
-    for (int i = 0; i < n * n; ++i) { norm += A[i] * A[i]; U[i] = i % (n + 1) == 0; }
-    for (int sweep = 0; sweep < 64; ++sweep) {
-      double off = 0;
-      for (int p = 0; p < n; ++p) for (int q = p + 1; q < n; ++q) off += A[p * n + q] * A[p * n + q];
-      if (off <= 1e-31 * norm) break;  // off-diagonal at rounding level
-      for (int p = 0; p < n; ++p)
-        for (int q = p + 1; q < n; ++q) {
-          const double apq = A[p * n + q];
-          if (std::fabs(apq) <= 1e-17 * (std::fabs(A[p * n + p]) + std::fabs(A[q * n + q]))) {
-            A[p * n + q] = A[q * n + p] = 0;
-            continue;
-          }
-          const double theta = (A[q * n + q] - A[p * n + p]) / (2 * apq);
-          const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
-          const double c = 1 / std::sqrt(t * t + 1), s = t * c, tau = s / (1 + c);
-          A[p * n + p] -= t * apq;
-          A[q * n + q] += t * apq;
-          A[p * n + q] = A[q * n + p] = 0;
-          for (int k = 0; k < n; ++k) {
-            if (k != p && k != q) {
-              const double g = A[k * n + p], h = A[k * n + q];
-              A[k * n + p] = A[p * n + k] = g - s * (h + g * tau);
-              A[k * n + q] = A[q * n + k] = h + s * (g - h * tau);
-            }
-            const double g = U[k * n + p], h = U[k * n + q];
-            U[k * n + p] = g - s * (h + g * tau);
-            U[k * n + q] = h + s * (g - h * tau);
-          }
-        }
-    }
-    int order[D];
-    for (int i = 0; i < n; ++i) order[i] = i;
-    std::sort(order, order + n, [&](int a, int b) { return A[a * n + a] < A[b * n + b]; });
-    for (int j = 0; j < n; ++j) {
-      w[j] = A[order[j] * n + order[j]];
-      for (int k = 0; k < n; ++k) V[k * n + j] = U[k * n + order[j]];
-    }
-  }
-
-  // K = diag(d) + rho z z^T (m x m, rho >= 0) = V diag(lam) V^T, lam ascending, eigenvectors in V's columns.
-  // The rank-one update of a diagonal in closed form (the secular equation, as LAPACK's dlaed2-4):
-  // deflation where rho |z_i| or (d_j - d_i) c s is at rounding level, then per root Newton's method on
-  // the secular function with its two poles multiplied out (smooth on the root's interval; bisection when a
-  // step leaves the bracket), each root held as an offset from its nearer pole; the eigenvectors
-  // (d - lam)^-1 z' use Gu and Eisenstat's z' recomputed from the roots, so they are orthogonal to rounding.
-  static void rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {
-    RankOne<D> p;
-    setup(m, d, z, rho, p);
-    for (int root = 0; root < p.K; ++root) secular_root(p, root);
-    finish(p, lam, V);
-  }
-
-  // Sorts and deflates: what is left to the secular equation goes to p.pole, p.w2 (p.K of them).
-  static void setup(int m, const double* d, const double* z, double rho, RankOne<D>& p) {
-    constexpr double eps = std::numeric_limits<double>::epsilon();
-    p.m = m;
-    double* dd = p.dd; double* u = p.u; double* Q = p.Q; bool* deflated = p.deflated;
-    int idx[D];
-    for (int i = 0; i < m; ++i) idx[i] = i;
-    std::sort(idx, idx + m, [&](int a, int b) { return d[a] < d[b]; });
-    // dd, u: sorted; Q's column i: slot i in K's coordinates
-    double zz = 0, dmax = 0;
-    for (int i = 0; i < m; ++i) { zz += z[i] * z[i]; dmax = std::fmax(dmax, std::fabs(d[i])); }
-    const double r = p.r = rho * zz, zn = std::sqrt(zz), tol = 8 * eps * std::fmax(dmax, r);
-    for (int i = 0; i < m * m; ++i) Q[i] = 0;
-    for (int i = 0; i < m; ++i) {
-      dd[i] = d[idx[i]];
-      u[i] = zz > 0 ? z[idx[i]] / zn : 0.0;
-      Q[idx[i] * m + i] = 1;
-      deflated[i] = r * std::fabs(u[i]) <= tol;
-    }
-    for (int i = 0, prev = -1; i < m; ++i) {  // close poles: rotate u's weight from prev onto i
-      if (deflated[i]) continue;
-      if (prev >= 0) {
-        // |(dd[i] - dd[prev]) c s| <= tol, with c s = u[i] u[prev] / t^2 (no hypot unless they deflate)
-        const double t2 = u[prev] * u[prev] + u[i] * u[i];
-        if (std::fabs((dd[i] - dd[prev]) * u[i] * u[prev]) <= tol * t2) {
-          const double t = std::hypot(u[prev], u[i]), c = u[i] / t, s = u[prev] / t;
-          const double dp = dd[prev], di = dd[i];
-          dd[prev] = c * c * dp + s * s * di;
-          dd[i] = s * s * dp + c * c * di;
-          for (int k = 0; k < m; ++k) {
-            const double qp = Q[k * m + prev], qi = Q[k * m + i];
-            Q[k * m + prev] = c * qp - s * qi;
-            Q[k * m + i] = s * qp + c * qi;
-          }
-          u[prev] = 0;
-          u[i] = t;
-          deflated[prev] = true;
-        }
-      }
-      prev = i;
-    }
-    int K = 0;  // the slots left to the secular equation, ascending poles
-    for (int i = 0; i < m; ++i) if (!deflated[i]) p.J[K++] = i;
-    p.K = K;
-    for (int a = 0; a < K; ++a) { p.pole[a] = dd[p.J[a]]; p.w2[a] = r * u[p.J[a]] * u[p.J[a]]; }
-  }
-
-  // One root of the secular equation 1 + sum_a w2[a] / (pole[a] - lam) = 0: its origin pole and tau.
-  static void secular_root(RankOne<D>& p, int root) {
-    constexpr double eps = std::numeric_limits<double>::epsilon();
-    const int K = p.K;
-    const double r = p.r, *pole = p.pole, *w2 = p.w2;
-    {
-      // The root lies in (pole[root], pole[root + 1]) (the last one in (pole[K-1], pole[K-1] + r]): pick the
-      // nearer pole as origin by the sign of f at the middle, then solve for tau = lam - pole[origin].
-      const bool last = root == K - 1;
-      int o = root;
-      double lo, hi;
-      if (last) {
-        lo = 0; hi = r;
-      } else {
-        const double mid = (pole[root + 1] - pole[root]) / 2;
-        double f = 1;
-        for (int a = 0; a < K; ++a) f += w2[a] / ((pole[a] - pole[root]) - mid);
-        if (f >= 0) { lo = 0; hi = mid; } else { o = root + 1; lo = (pole[root] - pole[o]) + mid; hi = 0; }
-      }
-      const int p1 = root, p2 = last ? -1 : root + 1;  // the poles around the root, multiplied out
-      const double a1 = pole[p1] - pole[o], a2 = last ? 0.0 : pole[p2] - pole[o];
-      // Start where g is zero with the other poles' sum H frozen at the interval's middle (a quadratic).
-      const double probe = last ? hi : (a1 + a2) / 2;
-      double H0 = 1;
-      for (int a = 0; a < K; ++a)
-        if (a != p1 && a != p2) H0 += w2[a] / ((pole[a] - pole[o]) - probe);
-      double t = (lo + hi) / 2, guess = t;
-      if (last) {
-        guess = H0 > 0 ? w2[p1] / H0 : t;
-      } else {  // H0 (a1 - t)(a2 - t) + w1 (a2 - t) + w2 (a1 - t) = A t^2 + B t + C
-        const double A = H0, B = -(H0 * (a1 + a2) + w2[p1] + w2[p2]), C = H0 * a1 * a2 + w2[p1] * a2 + w2[p2] * a1;
-        const double disc = B * B - 4 * A * C;
-        if (disc >= 0) {
-          const double q = -(B + std::copysign(std::sqrt(disc), B)) / 2;
-          const double x1 = A != 0 ? q / A : -C / B, x2 = q != 0 ? C / q : x1;
-          guess = x1 > lo && x1 < hi ? x1 : x2;
-        }
-      }
-      if (guess > lo && guess < hi) t = guess;
-      for (int it = 0; it < 100; ++it) {
-        // g = f (a1 - t) (a2 - t) (without the second factor for the last root): decreasing through the bracket.
-        double H = 1, dH = 0, Habs = 1;
-        for (int a = 0; a < K; ++a) {
-          if (a == p1 || a == p2) continue;
-          const double q = 1 / ((pole[a] - pole[o]) - t);
-          H += w2[a] * q;
-          Habs += std::fabs(w2[a] * q);
-          dH += w2[a] * q * q;
-        }
-        double g, dg, err;  // err: g's rounding error, below which its sign says nothing
-        if (last) {
-          g = (a1 - t) * H + w2[p1];
-          dg = -H + (a1 - t) * dH;
-          err = std::fabs(a1 - t) * Habs + w2[p1];
-        } else {
-          const double P = (a1 - t) * (a2 - t);
-          g = P * H + w2[p1] * (a2 - t) + w2[p2] * (a1 - t);
-          dg = (2 * t - a1 - a2) * H + P * dH - w2[p1] - w2[p2];
-          err = std::fabs(P) * Habs + w2[p1] * std::fabs(a2 - t) + w2[p2] * std::fabs(a1 - t);
-        }
-        if (std::fabs(g) <= (K + 2) * eps * err) break;
-        if (g > 0) lo = t; else hi = t;
-        double next = dg < 0 ? t - g / dg : (lo + hi) / 2;
-        if (!(next > lo && next < hi)) next = (lo + hi) / 2;
-        const bool done = std::fabs(next - t) <= 2 * eps * std::fabs(next) || hi - lo <= 2 * eps * std::fabs(t);
-        t = next;
-        if (done) break;
-      }
-      p.origin[root] = o;
-      p.tau[root] = t;
-    }
-  }
-
-  // The eigenpairs from the roots (lam ascending, eigenvectors in V's columns).
-  static void finish(const RankOne<D>& p, double* lam, double* V) {
-    const int m = p.m, K = p.K, *J = p.J, *origin = p.origin;
-    const double r = p.r, *pole = p.pole, *tau = p.tau, *dd = p.dd, *u = p.u, *Q = p.Q;
-    const bool* deflated = p.deflated;
-    // Gu-Eisenstat: the z' for which the computed roots are exact; then the eigenvectors (pole - lam)^-1 z'.
-    double zp[D];
-    for (int i = 0; i < K; ++i) {
-      double prod = ((pole[origin[i]] - pole[i]) + tau[i]) / r;
-      for (int j = 0; j < K; ++j)
-        if (j != i) prod *= ((pole[origin[j]] - pole[i]) + tau[j]) / (pole[j] - pole[i]);
-      zp[i] = std::copysign(std::sqrt(std::fmax(prod, 0.0)), u[J[i]]);
-    }
-    struct Pair { double value; int secular; int slot; };  // an eigenpair: secular root, or deflated slot
-    Pair pairs[D];
-    int count = 0;
-    for (int i = 0; i < m; ++i) if (deflated[i]) pairs[count++] = {dd[i], -1, i};
-    for (int j = 0; j < K; ++j) pairs[count++] = {pole[origin[j]] + tau[j], j, -1};
-    std::sort(pairs, pairs + m, [](const Pair& a, const Pair& b) { return a.value < b.value; });
-    for (int c = 0; c < m; ++c) {
-      lam[c] = pairs[c].value;
-      if (pairs[c].secular < 0) {
-        for (int k = 0; k < m; ++k) V[k * m + c] = Q[k * m + pairs[c].slot];
-        continue;
-      }
-      const int j = pairs[c].secular;
-      double x[D], norm = 0;
-      for (int i = 0; i < K; ++i) {
-        x[i] = zp[i] / ((pole[i] - pole[origin[j]]) - tau[j]);
-        norm += x[i] * x[i];
-      }
-      norm = 1 / std::sqrt(norm);
-      for (int k = 0; k < m; ++k) {
-        double v = 0;
-        for (int i = 0; i < K; ++i) v += Q[k * m + J[i]] * x[i];
-        V[k * m + c] = v * norm;
-      }
-    }
-  }
-};
-
-// The roots of up to WD rank-one problems at once: problem l in SIMD lane l, root i in vector i, each lane
-// frozen where Eigh::secular_root's iteration would stop, the vectors in lockstep. The last root's g is the
-// general one with its second factor 1 and no second pole. One problem's roots one by one are chains of
-// dependent divisions; side by side they keep the divider busy (a refresh's roots: 1,550 -> about 800 cycles
-// per block at tau 4).
+// The roots of the secular equations 1 + sum_a w2[a] / (pole[a] - lam) = 0 of up to WD rank-one problems at
+// once: problem l in SIMD lane l, root i in vector i, the vectors in lockstep. Root i lies in (pole[i],
+// pole[i + 1]) (the last in (pole[K-1], pole[K-1] + r]); its origin is the nearer pole, by the sign of f at the
+// middle, and it is held as tau = lam - pole[origin]. From where g is zero with the other poles' sum frozen,
+// Newton's method on g = f (a1 - t)(a2 - t) (the two poles around the root multiplied out; smooth on the
+// bracket; bisection when a step leaves it; for the last root the second factor is 1) runs until g is at its
+// rounding level or the step at t's; each lane stops on its own. One problem's roots one after another were
+// chains of dependent divisions; eight problems side by side keep the divider busy (a refresh's roots at tau
+// 4: about 1,550 cycles per row one by one, 670 side by side).
 template <int D>
 void secular_roots(RankOne<D>* const* ps, int count) {
   typedef long long vl __attribute__((vector_size(WD * 8)));
@@ -361,6 +141,158 @@ void secular_roots(RankOne<D>* const* ps, int count) {
       ps[l]->tau[i] = t[i][l];
     }
 }
+
+
+// Eigen-solvers with stack arrays for matrices up to NR + 1 (the refresh's (n + 1)-sized problem).
+template <int NR>
+struct Eigh {
+  static constexpr int D = NR + 1;
+
+  // Cyclic Jacobi: S (symmetric, n x n) = V diag(w) V^T, w ascending, eigenvectors in V's columns. Only the
+  // fallback of inverse_sqrt for a Gram matrix far from I (the refresh's eigenproblem is rank_one_eigh's).
+  static void jacobi_eigh(int n, const double* S, double* w, double* V) {
+    double A[D * D], U[D * D];
+    std::memcpy(A, S, sizeof(double) * n * n);
+    double norm = 0;
+    for (int i = 0; i < n * n; ++i) { norm += A[i] * A[i]; U[i] = i % (n + 1) == 0; }
+    for (int sweep = 0; sweep < 64; ++sweep) {
+      double off = 0;
+      for (int p = 0; p < n; ++p) for (int q = p + 1; q < n; ++q) off += A[p * n + q] * A[p * n + q];
+      if (off <= 1e-31 * norm) break;  // off-diagonal at rounding level
+      for (int p = 0; p < n; ++p)
+        for (int q = p + 1; q < n; ++q) {
+          const double apq = A[p * n + q];
+          if (std::fabs(apq) <= 1e-17 * (std::fabs(A[p * n + p]) + std::fabs(A[q * n + q]))) {
+            A[p * n + q] = A[q * n + p] = 0;
+            continue;
+          }
+          const double theta = (A[q * n + q] - A[p * n + p]) / (2 * apq);
+          const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+          const double c = 1 / std::sqrt(t * t + 1), s = t * c, tau = s / (1 + c);
+          A[p * n + p] -= t * apq;
+          A[q * n + q] += t * apq;
+          A[p * n + q] = A[q * n + p] = 0;
+          for (int k = 0; k < n; ++k) {
+            if (k != p && k != q) {
+              const double g = A[k * n + p], h = A[k * n + q];
+              A[k * n + p] = A[p * n + k] = g - s * (h + g * tau);
+              A[k * n + q] = A[q * n + k] = h + s * (g - h * tau);
+            }
+            const double g = U[k * n + p], h = U[k * n + q];
+            U[k * n + p] = g - s * (h + g * tau);
+            U[k * n + q] = h + s * (g - h * tau);
+          }
+        }
+    }
+    int order[D];
+    for (int i = 0; i < n; ++i) order[i] = i;
+    std::sort(order, order + n, [&](int a, int b) { return A[a * n + a] < A[b * n + b]; });
+    for (int j = 0; j < n; ++j) {
+      w[j] = A[order[j] * n + order[j]];
+      for (int k = 0; k < n; ++k) V[k * n + j] = U[k * n + order[j]];
+    }
+  }
+
+  // K = diag(d) + rho z z^T (m x m, rho >= 0) = V diag(lam) V^T, lam ascending, eigenvectors in V's columns.
+  // The rank-one update of a diagonal in closed form (the secular equation, as LAPACK's dlaed2-4):
+  // deflation where rho |z_i| or (d_j - d_i) c s is at rounding level, then per root Newton's method on
+  // the secular function with its two poles multiplied out (smooth on the root's interval; bisection when a
+  // step leaves the bracket), each root held as an offset from its nearer pole; the eigenvectors
+  // (d - lam)^-1 z' use Gu and Eisenstat's z' recomputed from the roots, so they are orthogonal to rounding.
+  static void rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {
+    RankOne<D> p, *one = &p;
+    setup(m, d, z, rho, p);
+    secular_roots(&one, 1);
+    finish(p, lam, V);
+  }
+
+  // Sorts and deflates: what is left to the secular equation goes to p.pole, p.w2 (p.K of them).
+  static void setup(int m, const double* d, const double* z, double rho, RankOne<D>& p) {
+    constexpr double eps = std::numeric_limits<double>::epsilon();
+    p.m = m;
+    double* dd = p.dd; double* u = p.u; double* Q = p.Q; bool* deflated = p.deflated;
+    int idx[D];
+    for (int i = 0; i < m; ++i) idx[i] = i;
+    std::sort(idx, idx + m, [&](int a, int b) { return d[a] < d[b]; });
+    // dd, u: sorted; Q's column i: slot i in K's coordinates
+    double zz = 0, dmax = 0;
+    for (int i = 0; i < m; ++i) { zz += z[i] * z[i]; dmax = std::fmax(dmax, std::fabs(d[i])); }
+    const double r = p.r = rho * zz, zn = std::sqrt(zz), tol = 8 * eps * std::fmax(dmax, r);
+    for (int i = 0; i < m * m; ++i) Q[i] = 0;
+    for (int i = 0; i < m; ++i) {
+      dd[i] = d[idx[i]];
+      u[i] = zz > 0 ? z[idx[i]] / zn : 0.0;
+      Q[idx[i] * m + i] = 1;
+      deflated[i] = r * std::fabs(u[i]) <= tol;
+    }
+    for (int i = 0, prev = -1; i < m; ++i) {  // close poles: rotate u's weight from prev onto i
+      if (deflated[i]) continue;
+      if (prev >= 0) {
+        // |(dd[i] - dd[prev]) c s| <= tol, with c s = u[i] u[prev] / t^2 (no hypot unless they deflate)
+        const double t2 = u[prev] * u[prev] + u[i] * u[i];
+        if (std::fabs((dd[i] - dd[prev]) * u[i] * u[prev]) <= tol * t2) {
+          const double t = std::hypot(u[prev], u[i]), c = u[i] / t, s = u[prev] / t;
+          const double dp = dd[prev], di = dd[i];
+          dd[prev] = c * c * dp + s * s * di;
+          dd[i] = s * s * dp + c * c * di;
+          for (int k = 0; k < m; ++k) {
+            const double qp = Q[k * m + prev], qi = Q[k * m + i];
+            Q[k * m + prev] = c * qp - s * qi;
+            Q[k * m + i] = s * qp + c * qi;
+          }
+          u[prev] = 0;
+          u[i] = t;
+          deflated[prev] = true;
+        }
+      }
+      prev = i;
+    }
+    int K = 0;  // the slots left to the secular equation, ascending poles
+    for (int i = 0; i < m; ++i) if (!deflated[i]) p.J[K++] = i;
+    p.K = K;
+    for (int a = 0; a < K; ++a) { p.pole[a] = dd[p.J[a]]; p.w2[a] = r * u[p.J[a]] * u[p.J[a]]; }
+  }
+
+  // The eigenpairs from the roots (lam ascending, eigenvectors in V's columns).
+  static void finish(const RankOne<D>& p, double* lam, double* V) {
+    const int m = p.m, K = p.K, *J = p.J, *origin = p.origin;
+    const double r = p.r, *pole = p.pole, *tau = p.tau, *dd = p.dd, *u = p.u, *Q = p.Q;
+    const bool* deflated = p.deflated;
+    // Gu-Eisenstat: the z' for which the computed roots are exact; then the eigenvectors (pole - lam)^-1 z'.
+    double zp[D];
+    for (int i = 0; i < K; ++i) {
+      double prod = ((pole[origin[i]] - pole[i]) + tau[i]) / r;
+      for (int j = 0; j < K; ++j)
+        if (j != i) prod *= ((pole[origin[j]] - pole[i]) + tau[j]) / (pole[j] - pole[i]);
+      zp[i] = std::copysign(std::sqrt(std::fmax(prod, 0.0)), u[J[i]]);
+    }
+    struct Pair { double value; int secular; int slot; };  // an eigenpair: secular root, or deflated slot
+    Pair pairs[D];
+    int count = 0;
+    for (int i = 0; i < m; ++i) if (deflated[i]) pairs[count++] = {dd[i], -1, i};
+    for (int j = 0; j < K; ++j) pairs[count++] = {pole[origin[j]] + tau[j], j, -1};
+    std::sort(pairs, pairs + m, [](const Pair& a, const Pair& b) { return a.value < b.value; });
+    for (int c = 0; c < m; ++c) {
+      lam[c] = pairs[c].value;
+      if (pairs[c].secular < 0) {
+        for (int k = 0; k < m; ++k) V[k * m + c] = Q[k * m + pairs[c].slot];
+        continue;
+      }
+      const int j = pairs[c].secular;
+      double x[D], norm = 0;
+      for (int i = 0; i < K; ++i) {
+        x[i] = zp[i] / ((pole[i] - pole[origin[j]]) - tau[j]);
+        norm += x[i] * x[i];
+      }
+      norm = 1 / std::sqrt(norm);
+      for (int k = 0; k < m; ++k) {
+        double v = 0;
+        for (int i = 0; i < K; ++i) v += Q[k * m + J[i]] * x[i];
+        V[k * m + c] = v * norm;
+      }
+    }
+  }
+};
 
 inline void rank_one_eigh(int m, const double* d, const double* z, double rho, double* lam, double* V) {
   Eigh<kMaxRank>::rank_one_eigh(m, d, z, rho, lam, V);

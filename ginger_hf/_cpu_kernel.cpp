@@ -257,9 +257,8 @@ int ginger_solve_refresh(int n, int nb, const double* stats, const int64_t* stat
   const CoefView cv(coef_at);
   const int64_t width = RefreshOut(n, cv.width).width;
   run_threads(nt, [&](int t) {  // contiguous shares: no cache line of out is written by two threads
-    for (int i = (int)((int64_t)nb * t / nt); i < (int)((int64_t)nb * (t + 1) / nt); ++i)
-      solve_block(n, stats + (int64_t)i * sv.width, sv, s + (int64_t)i * n, R + (int64_t)i * n * n, e[i],
-                  params + (int64_t)i * kSolveParams, out + (int64_t)i * width, cv);
+    solve_blocks(n, (int)((int64_t)nb * t / nt), (int)((int64_t)nb * (t + 1) / nt), stats, sv, s, R, e, params, out,
+                 width, cv);
   });
   return 0;
 }

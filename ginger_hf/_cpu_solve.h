@@ -9,8 +9,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
-#include "_cpu_eigh.h"  // matmul, jacobi_eigh, rank_one_eigh
+#include "_cpu_eigh.h"  // matmul, jacobi_eigh, rank_one_eigh (RankOne, secular_roots)
 
 namespace {
 
@@ -132,14 +133,28 @@ struct Solve {
     RankOne<NR + 1> eig;
   };
 
-  // Solve one block; out row: coefficients (CoefView places; lr, decay, rho left to the caller), then the
-  // RefreshOut fields (new s, R, e, rotate, update_sq, span_sq).
-  static void solve_block(int n, const double* stats, const StatsView& sv, const double* s, const double* Rin, double e,
-                   const double* prm, double* out, const CoefView& cv) {
-    Refresh q;
-    refresh_begin(n, stats, sv, s, Rin, prm, q);
-    for (int root = 0; root < q.eig.K; ++root) Eigh<NR>::secular_root(q.eig, root);
-    refresh_end(n, stats, sv, e, prm, out, cv, q);
+  // Solve blocks [from, to), eight at a time (their roots side by side); block i's out row (width apart):
+  // coefficients (CoefView places; lr, decay, rho left to the caller), then the RefreshOut fields (new s, R, e,
+  // rotate, update_sq, span_sq).
+  static void solve_blocks(int n, int from, int to, const double* stats, const StatsView& sv, const double* s,
+                           const double* R, const double* e, const double* prm, double* out, int64_t width,
+                           const CoefView& cv) {
+    if constexpr (N > 0) n = N;
+    std::vector<Refresh> q(WD);
+    RankOne<NR + 1>* eig[WD];
+    for (int i0 = from; i0 < to; i0 += WD) {
+      const int count = std::min(WD, to - i0);
+      for (int j = 0; j < count; ++j) {
+        const int64_t i = i0 + j;
+        refresh_begin(n, stats + i * sv.width, sv, s + i * n, R + i * n * n, prm + i * kSolveParams, q[j]);
+        eig[j] = &q[j].eig;
+      }
+      secular_roots(eig, count);
+      for (int j = 0; j < count; ++j) {
+        const int64_t i = i0 + j;
+        refresh_end(n, stats + i * sv.width, sv, e[i], prm + i * kSolveParams, out + i * width, cv, q[j]);
+      }
+    }
   }
 
   // Up to the eigenproblem K = beta2 diag(s, 0) + (1 - beta2) z z^T, sorted and deflated in q.eig.
@@ -179,7 +194,7 @@ struct Solve {
     Eigh<NR>::setup(q.rotate ? m : n, dg, z, 1 - beta2, q.eig);
   }
 
-  // From the eigenproblem's roots to the coefficients and the new state (solve_block's out row).
+  // From the eigenproblem's roots to the coefficients and the new state (solve_blocks' out row).
   static void refresh_end(int n, const double* stats, const StatsView& sv, double e, const double* prm, double* out,
                           const CoefView& cv, const Refresh& q) {
     if constexpr (N > 0) n = N;
@@ -271,9 +286,10 @@ void by_rank(int n, F&& f) {  // f(Solve<N>{}) with N = n where it is instantiat
     default: f(Solve<0>{}); break;
   }
 }
-inline void solve_block(int n, const double* stats, const StatsView& sv, const double* s, const double* R,
-                        double e, const double* prm, double* out, const CoefView& cv) {
-  by_rank(n, [&](auto k) { decltype(k)::solve_block(n, stats, sv, s, R, e, prm, out, cv); });
+inline void solve_blocks(int n, int from, int to, const double* stats, const StatsView& sv, const double* s,
+                         const double* R, const double* e, const double* prm, double* out, int64_t width,
+                         const CoefView& cv) {
+  by_rank(n, [&](auto k) { decltype(k)::solve_blocks(n, from, to, stats, sv, s, R, e, prm, out, width, cv); });
 }
 inline void keep_block(int n, const double* stats, const StatsView& sv, const double* s, const double* R,
                        double e, const double* prm, double* out, const CoefView& cv) {
