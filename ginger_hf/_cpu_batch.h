@@ -16,15 +16,15 @@ struct StepBlock {
   int64_t b;  // block index in its tensor
 };
 
-// Block bi of one tensor in a whole step: where its data and small state are, and its solve's parameters.
+// Block bi of one tensor in a whole step: where its data and small state are.
 template <class S, class P>
 struct RowBlock {
   Block b;
   S *U, *m;
   const P *g, *c;
   P* p;
-  double *s, *R, *e, prm[Param::count];
-  RowBlock(int n, const int64_t* T, int64_t bi, bool refresh, const double* prm_in) {
+  double *s, *R, *e;
+  RowBlock(int n, const int64_t* T, int64_t bi, bool refresh) {
     const int64_t B = T[TensorRow::B], k = T[TensorRow::k], off = bi * k;
     b = {k, refresh, B * k};
     U = (S*)T[TensorRow::U] + off;
@@ -35,8 +35,6 @@ struct RowBlock {
     s = (double*)T[TensorRow::s] + bi * n;
     R = (double*)T[TensorRow::R] + bi * n * n;
     e = (double*)T[TensorRow::e] + bi;
-    std::memcpy(prm, prm_in, sizeof prm);
-    if (!refresh) prm[Param::debias] = prm[Param::debias_keep];
   }
 };
 
@@ -57,6 +55,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
   std::vector<typename Sv::Refresh> solves(kBatch);
   std::vector<RowBlock<S, P>> rows;
   rows.reserve(kBatch);
+  double prm[kBatch][Param::count];  // each block's solve parameters (a keep step's debias in place)
   int64_t clipped = 0;
   for (int i0 = from; i0 < to; i0 += kBatch) {
     const int count = std::min(kBatch, to - i0);
@@ -67,8 +66,10 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
     for (int j = 0; j < count; ++j) {  // pass 1, and a refresh's solve up to its eigenproblem
       const int tensor = blocks[i0 + j].tensor;
       double* res = results + (int64_t)Result::count * (i0 + j);
-      rows.emplace_back(n, row(tensor), blocks[i0 + j].b, refreshes(tensor), params + (int64_t)Param::count * tensor);
+      rows.emplace_back(n, row(tensor), blocks[i0 + j].b, refreshes(tensor));
       RowBlock<S, P>& q = rows.back();
+      std::memcpy(prm[j], params + (int64_t)Param::count * tensor, sizeof prm[j]);
+      if (!q.b.refresh) prm[j][Param::debias] = prm[j][Param::debias_keep];
       double* st = stats.data() + j * sv.width;
       std::fill(res, res + Result::count, 0.0);
       res[Result::untouched] = 1;
@@ -79,7 +80,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       res[Result::grad_sq] = st[sv.gg];
       live[j] = std::isfinite(st[sv.mm]);
       if (!live[j] || !q.b.refresh) continue;
-      Sv::refresh_begin(n, st, sv, q.s, q.R, q.prm, solves[j]);
+      Sv::refresh_begin(n, st, sv, q.s, q.R, prm[j], solves[j]);
       eig[neig++] = &solves[j].eig;
     }
     secular_roots(eig, neig);
@@ -92,7 +93,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       std::fill(o, o + ro.width, 0.0);
       bool rotate = false;
       if (q.b.refresh) {
-        Sv::refresh_end(n, st, sv, *q.e, q.prm, o, cv, solves[j]);
+        Sv::refresh_end(n, st, sv, *q.e, prm[j], o, cv, solves[j]);
         std::memcpy(q.s, o + ro.s, sizeof(double) * n);
         std::memcpy(q.R, o + ro.R, sizeof(double) * n * n);
         *q.e = o[ro.e];
@@ -100,7 +101,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
         res[Result::update_sq] = o[ro.update_sq];
         res[Result::span_sq] = o[ro.span_sq];
       } else {
-        Sv::keep_block(n, st, sv, q.s, q.R, *q.e, q.prm, o, cv);
+        Sv::keep_block(n, st, sv, q.s, q.R, *q.e, prm[j], o, cv);
         const double* rest = o + cv.width;
         res[Result::update_sq] = rest[KeepOut::update_sq];
         res[Result::span_sq] = rest[KeepOut::span_sq];
@@ -108,14 +109,14 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       }
       res[Result::untouched] = 0;
       for (int64_t x = 0; x < cv.width; ++x) cf[x] = (float)o[x];
-      cf[cv.lr] = (float)q.prm[Param::lr];
-      cf[cv.decay] = (float)q.prm[Param::decay];
-      cf[cv.rho] = (float)q.prm[Param::rho];
+      cf[cv.lr] = (float)prm[j][Param::lr];
+      cf[cv.decay] = (float)prm[j][Param::decay];
+      cf[cv.rho] = (float)prm[j][Param::rho];
       q.b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
       Ahead later;  // the block in this lane of the next eight
       if (i0 + kBatch + j < to && steps(blocks[i0 + kBatch + j].tensor)) {
         const StepBlock& nb = blocks[i0 + kBatch + j];
-        const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor), q.prm);
+        const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor));
         later.add(r.m); later.add(r.g); later.add(r.p); later.add(r.c);
         for (int u = 0; u < n; ++u) later.add(r.U + u * r.b.ustride);
         later.span = r.b.k;

@@ -68,18 +68,19 @@ void secular_roots(RankOne<D>* const* ps, int count) {
   }
   vd pole[D], w[D];
   for (int a = 0; a < K; ++a) { pole[a] = ldd(pl[a]); w[a] = ldd(wl[a]); }
-  const vd Kl = ldd(kl), zero = vd{}, one = zero + 1, tol = (Kl + 2) * eps;
+  const vd Kl = ldd(kl), r = ldd(rl), zero = vd{}, one = zero + 1, tol = (Kl + 2) * eps;
   auto vabs = [](vd x) { return x < 0 ? -x : x; };
   vd PO[D], lo[D], hi[D], t[D], a1[D], a2[D], W1[D], W2[D];
   vl last[D], near0[D], active[D];
   bool busy[D];
+  // Whether root i's sum takes pole a: a pole of its problem, and not one of the two multiplied out.
+  auto other = [&](int i, int a) -> vl { return (Kl > a) & (a != i) & (last[i] | (a != i + 1)); };
   for (int i = 0; i < K; ++i) {
     last[i] = Kl == i + 1;
     active[i] = Kl > i;
-    const vd p0 = pole[i], p1 = i + 1 < K ? (last[i] ? p0 : pole[i + 1]) : p0, r = ldd(rl);
+    const vd p0 = pole[i], p1 = i + 1 < K ? (last[i] ? p0 : pole[i + 1]) : p0;
     W1[i] = w[i];
     W2[i] = i + 1 < K ? (last[i] ? zero : w[i + 1]) : zero;
-    auto other = [&](int a) { return (Kl > a) & (a != i) & (last[i] | (a != i + 1)); };  // not multiplied out
     // Origin and bracket: the sign of f at the middle of (pole[i], pole[i + 1]).
     const vd mid = (p1 - p0) / 2;
     vd f = one;
@@ -93,7 +94,7 @@ void secular_roots(RankOne<D>* const* ps, int count) {
     // Start where g is zero with the other poles' sum frozen at the probe (a quadratic; the last root: linear).
     const vd probe = last[i] ? hi[i] : (a1[i] + a2[i]) / 2;
     vd H0 = one;
-    for (int a = 0; a < K; ++a) H0 += other(a) ? w[a] / ((pole[a] - PO[i]) - probe) : zero;
+    for (int a = 0; a < K; ++a) H0 += other(i, a) ? w[a] / ((pole[a] - PO[i]) - probe) : zero;
     const vd mid_t = (lo[i] + hi[i]) / 2;
     const vd A = H0, B = -(H0 * (a1[i] + a2[i]) + W1[i] + W2[i]);
     const vd C = H0 * a1[i] * a2[i] + W1[i] * a2[i] + W2[i] * a1[i], disc = B * B - 4 * A * C;
@@ -111,8 +112,7 @@ void secular_roots(RankOne<D>* const* ps, int count) {
       if (!busy[i]) continue;
       vd H = one, dH = zero, Habs = one;
       for (int a = 0; a < K; ++a) {
-        const vl other = (Kl > a) & (a != i) & (last[i] | (a != i + 1));
-        const vd qa = 1 / ((pole[a] - PO[i]) - t[i]), term = other ? w[a] * qa : zero;
+        const vd qa = 1 / ((pole[a] - PO[i]) - t[i]), term = other(i, a) ? w[a] * qa : zero;
         H += term;
         Habs += vabs(term);
         dH += term * qa;
