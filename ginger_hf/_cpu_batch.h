@@ -1,7 +1,8 @@
 // A whole step's blocks, eight at a time (ginger_step in _cpu_kernel.cpp deals them to threads): the eight
 // blocks' passes 1, their small solves with a refresh's eigenproblem roots side by side (secular_roots, one
-// block per SIMD lane), then their passes 2, while the eight blocks are in cache; each pass 2 prefetches the
-// block in its lane of the next eight. Included by _cpu_kernel.cpp after _cpu_solve.h and _cpu_passes.h.
+// block per SIMD lane), then their passes 2, while the eight blocks are in cache; the passes of each one
+// prefetch the block in its lane of the next eight. Included by _cpu_kernel.cpp after _cpu_solve.h and
+// _cpu_passes.h.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -57,6 +58,20 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
   rows.reserve(kBatch);
   double prm[kBatch][Param::count];  // each block's solve parameters (a keep step's debias in place)
   int64_t clipped = 0;
+  // Memory would idle while a pass works from cache: pass 1 of lane j prefetches the streams of the block in
+  // lane j of the next eight that its pass 1 reads first (m, g, c), pass 2 the rest (p, U), so that both
+  // passes keep memory busy (all of them from pass 2: 4% slower; docs/performance.md 20).
+  Ahead later[kBatch];
+  auto ahead_of = [&](int next, Ahead& first, Ahead& second) {
+    first = second = Ahead{};
+    if (next >= to || !steps(blocks[next].tensor)) return;
+    const StepBlock& nb = blocks[next];
+    const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor));
+    first.add(r.m); first.add(r.g); first.add(r.c);
+    second.add(r.p);
+    for (int u = 0; u < n; ++u) second.add(r.U + u * r.b.ustride);
+    first.span = second.span = r.b.k;
+  };
   for (int i0 = from; i0 < to; i0 += kBatch) {
     const int count = std::min(kBatch, to - i0);
     rows.clear();
@@ -76,7 +91,9 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       live[j] = false;
       if (!steps(tensor)) continue;
       std::fill(st, st + sv.width, 0.0);
-      pass1<S, P>(n, q.b, q.U, q.m, q.g, q.c, w1, 0, q.b.k, st, sv, sc1, wide, q.p);
+      Ahead early;
+      ahead_of(i0 + kBatch + j, early, later[j]);
+      pass1<S, P>(n, q.b, q.U, q.m, q.g, q.c, w1, 0, q.b.k, st, sv, sc1, wide, q.p, early.count ? &early : nullptr);
       res[Result::grad_sq] = st[sv.gg];
       live[j] = std::isfinite(st[sv.mm]);
       if (!live[j] || !q.b.refresh) continue;
@@ -113,16 +130,8 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       cf[cv.decay] = (float)prm[j][Param::decay];
       cf[cv.rho] = (float)prm[j][Param::rho];
       q.b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
-      Ahead later;  // the block in this lane of the next eight
-      if (i0 + kBatch + j < to && steps(blocks[i0 + kBatch + j].tensor)) {
-        const StepBlock& nb = blocks[i0 + kBatch + j];
-        const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor));
-        later.add(r.m); later.add(r.g); later.add(r.p); later.add(r.c);
-        for (int u = 0; u < n; ++u) later.add(r.U + u * r.b.ustride);
-        later.span = r.b.k;
-      }
       clipped += pass2<S, P>(n, q.b, q.U, q.m, q.g, q.p, q.c, w1, cf.data(), cv, 0, q.b.k, sc2,
-                             later.count ? &later : nullptr);
+                             later[j].count ? &later[j] : nullptr);
     }
   }
   return clipped;

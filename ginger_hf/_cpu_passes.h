@@ -42,13 +42,6 @@ struct Scratch {
 };
 constexpr int64_t kWideStride = CHUNK + WD;  // the same for the rows widened to double
 
-inline void halves(vf v, vd& lo, vd& hi) {
-  vf8 a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, (const char*)&v + sizeof a, sizeof b);
-  lo = __builtin_convertvector(a, vd);
-  hi = __builtin_convertvector(b, vd);
-}
 
 // Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements, in double: for
 // ranks above kGroup, from the rows widened to double after the sweeps.
@@ -87,6 +80,15 @@ void gram(const double* const* u, int n, int64_t Lp, double* G) {
   }
 }
 
+// The streams of a block that a later pass 1 reads, which this block's passes prefetch meanwhile: they work
+// from cache, and memory would idle.
+struct Ahead {
+  const char* p[kMaxRank + 4];
+  int size[kMaxRank + 4];
+  int count = 0;
+  int64_t span = 0;  // its elements
+  template <class T> void add(const T* x) { if (x) { p[count] = (const char*)x; size[count++] = (int)sizeof(T); } }
+};
 // Pass 1's inputs and outputs for one chunk of Lp elements.
 struct Sums1 {
   const float* const* u;  // basis rows of this sweep
@@ -96,6 +98,9 @@ struct Sums1 {
   int n;
   const char* next;        // the parameter's bytes of this chunk, which pass 2 reads next (or null)
   int next_size;           // bytes per element there
+  const char* const* ahead = nullptr;  // another block's streams at this chunk, prefetched (first sweep only)
+  const int* ahead_size = nullptr;     // their bytes per element
+  int nahead = 0;
 };
 
 // One sweep of pass 1 over basis rows u[0..NJ). FIRST: it forms m' = lerp(m, g) and the block sums
@@ -111,6 +116,7 @@ void sweep1(const Sums1& a, float w1, int64_t Lp, bool keep_mv, double* sums) {
       mx = lerp<S>(ld(a.m + x), gx, w1);
       if (keep_mv) st(a.mv + x, mx);
       if (a.next) __builtin_prefetch(a.next + x * a.next_size, 1, 3);  // one more stream while these run
+      for (int i = 0; i < a.nahead; ++i) __builtin_prefetch(a.ahead[i] + x * a.ahead_size[i], 0, 2);
       amm += sq2(mx, mx);
       agg += sq2(gx, gx);
       if (R) { cx = ld(a.c + x); acc += sq2(cx, cx); acm += cx * mx; }
@@ -155,7 +161,7 @@ void sweep1_rows(const Sums1& a, float w1, int64_t Lp, bool first, bool R, bool 
 template <class S, class P>
 void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c, float w1, int64_t x0,
            int64_t x1, double* out, const StatsView& sv, Scratch& sc, std::vector<double>& wide,
-           const P* next = nullptr) {
+           const P* next = nullptr, const Ahead* later = nullptr) {
   const bool R = b.refresh, one_sweep = n <= kGroup;
   double sums[4] = {};  // m'.m', g.g, c.c, c.m'
   const float* u[kMaxRank];
@@ -165,6 +171,13 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
     Sums1 a{nullptr, src(m + xb, sc.at(n), L), src(g + xb, sc.at(n + 1), L),
             R ? src(c + xb, sc.at(n + 2), L) : nullptr, sc.at(n + 3), nullptr, nullptr, nullptr, n,
             next ? (const char*)(next + xb) : nullptr, (int)sizeof(P)};
+    const char* ahead[kMaxRank + 4];
+    if (later && xb < later->span) {  // as far into the later block as this chunk is into this one
+      for (int i = 0; i < later->count; ++i) ahead[i] = later->p[i] + xb * later->size[i];
+      a.ahead = ahead;
+      a.ahead_size = later->size;
+      a.nahead = later->count;
+    }
     for (int j0 = 0; j0 < n; j0 += kGroup) {
       a.u = u + j0;
       a.um = out + sv.um + j0;
@@ -205,15 +218,6 @@ struct Sums2 {
   int nahead;
 };
 
-// The streams of a block that a later pass 1 reads, which pass 2 prefetches meanwhile: pass 2 works from
-// cache, and memory would idle.
-struct Ahead {
-  const char* p[kMaxRank + 4];
-  int size[kMaxRank + 4];
-  int count = 0;
-  int64_t span = 0;  // its elements
-  template <class T> void add(const T* x) { if (x) { p[count] = (const char*)x; size[count++] = (int)sizeof(T); } }
-};
 struct Scalars2 {
   vf scale, along, nlr, decay, rho, nrho, v_c;
   bool do_decay;

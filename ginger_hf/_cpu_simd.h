@@ -28,12 +28,24 @@ inline double hsum(vd v) {
   return s;
 }
 // Squares of a float vector summed in double: exact products, no overflow for any finite float.
+// The halves of a float vector, widened to double. A shuffle, not a copy through memory: a 64-byte store read
+// back as two 32-byte loads stalls store-to-load forwarding, in the passes' inner loops.
+inline void halves(vf v, vd& lo, vd& hi) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
+  hi = __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
+#else
+  vf8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, (const char*)&v + sizeof a, sizeof b);
+  lo = __builtin_convertvector(a, vd);
+  hi = __builtin_convertvector(b, vd);
+#endif
+}
 inline vd sq2(vf a, vf b) {
-  vf8 a0, a1, b0, b1;
-  std::memcpy(&a0, &a, sizeof a0); std::memcpy(&a1, (const char*)&a + sizeof a0, sizeof a1);
-  std::memcpy(&b0, &b, sizeof b0); std::memcpy(&b1, (const char*)&b + sizeof b0, sizeof b1);
-  vd x0 = __builtin_convertvector(a0, vd), x1 = __builtin_convertvector(a1, vd);
-  vd y0 = __builtin_convertvector(b0, vd), y1 = __builtin_convertvector(b1, vd);
+  vd x0, x1, y0, y1;
+  halves(a, x0, x1);
+  halves(b, y0, y1);
   return x0 * y0 + x1 * y1;
 }
 // Ends x's expression here: its product cannot be fused into the next addition, so the compiler fuses the
@@ -100,11 +112,8 @@ inline vf lerp(vf m, vf g, float w1) {
 inline vd ldd(const double* p) { vd v; std::memcpy(&v, p, sizeof v); return v; }
 inline void widen(const float* in, double* out, int64_t Lp) {
   for (int64_t x = 0; x < Lp; x += W) {
-    vf v = ld(in + x);
-    vf8 lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
-    vd a = __builtin_convertvector(lo, vd), b = __builtin_convertvector(hi, vd);
+    vd a, b;
+    halves(ld(in + x), a, b);
     std::memcpy(out + x, &a, sizeof a);
     std::memcpy(out + x + WD, &b, sizeof b);
   }
