@@ -60,7 +60,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
   int64_t clipped = 0;
   // Memory would idle while a pass works from cache: pass 1 of lane j prefetches the streams of the block in
   // lane j of the next eight that its pass 1 reads first (m, g, c), pass 2 the rest (p, U), so that both
-  // passes keep memory busy (all of them from pass 2: 4% slower; docs/performance.md 20).
+  // passes keep memory busy (all of them from pass 2: 4% slower; docs/performance.md 22).
   Ahead later[kBatch];
   auto ahead_of = [&](int next, Ahead& first, Ahead& second) {
     first = second = Ahead{};
@@ -93,7 +93,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       std::fill(st, st + sv.width, 0.0);
       Ahead early;
       ahead_of(i0 + kBatch + j, early, later[j]);
-      pass1<S, P>(n, q.b, q.U, q.m, q.g, q.c, w1, 0, q.b.k, st, sv, sc1, wide, q.p, early.count ? &early : nullptr);
+      pass1<S, P>(n, q.b, q.U, q.m, q.g, q.c, w1, 0, q.b.k, st, sv, sc1, wide, q.p, &early);
       res[Result::grad_sq] = st[sv.gg];
       live[j] = std::isfinite(st[sv.mm]);
       if (!live[j] || !q.b.refresh) continue;
@@ -131,7 +131,7 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
       cf[cv.rho] = (float)prm[j][Param::rho];
       q.b.refresh = rotate;  // a block that adds no direction steps as between refreshes (its shift is 0)
       clipped += pass2<S, P>(n, q.b, q.U, q.m, q.g, q.p, q.c, w1, cf.data(), cv, 0, q.b.k, sc2,
-                             later[j].count ? &later[j] : nullptr);
+                             &later[j]);
     }
   }
   return clipped;

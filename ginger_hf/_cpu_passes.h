@@ -42,7 +42,6 @@ struct Scratch {
 };
 constexpr int64_t kWideStride = CHUNK + WD;  // the same for the rows widened to double
 
-
 // Gram entries G[i][j] (i <= j) of rows u[i0..i0+NI) x u[j0..j0+NJ) over Lp elements, in double: for
 // ranks above kGroup, from the rows widened to double after the sweeps.
 template <int NI, int NJ>
@@ -88,7 +87,14 @@ struct Ahead {
   int count = 0;
   int64_t span = 0;  // its elements
   template <class T> void add(const T* x) { if (x) { p[count] = (const char*)x; size[count++] = (int)sizeof(T); } }
+  // Its streams at element xb (as far into it as a chunk is into the block that prefetches); none past its end.
+  int at(int64_t xb, const char** out) const {
+    if (xb >= span) return 0;
+    for (int i = 0; i < count; ++i) out[i] = p[i] + xb * size[i];
+    return count;
+  }
 };
+
 // Pass 1's inputs and outputs for one chunk of Lp elements.
 struct Sums1 {
   const float* const* u;  // basis rows of this sweep
@@ -172,12 +178,9 @@ void pass1(int n, const Block& b, const S* U, const S* m, const P* g, const P* c
             R ? src(c + xb, sc.at(n + 2), L) : nullptr, sc.at(n + 3), nullptr, nullptr, nullptr, n,
             next ? (const char*)(next + xb) : nullptr, (int)sizeof(P)};
     const char* ahead[kMaxRank + 4];
-    if (later && xb < later->span) {  // as far into the later block as this chunk is into this one
-      for (int i = 0; i < later->count; ++i) ahead[i] = later->p[i] + xb * later->size[i];
-      a.ahead = ahead;
-      a.ahead_size = later->size;
-      a.nahead = later->count;
-    }
+    a.nahead = later ? later->at(xb, ahead) : 0;
+    a.ahead = ahead;
+    a.ahead_size = later ? later->size : nullptr;
     for (int j0 = 0; j0 < n; j0 += kGroup) {
       a.u = u + j0;
       a.um = out + sv.um + j0;
@@ -315,13 +318,11 @@ int64_t pass2(int n, const Block& b, S* U, S* m, const P* g, P* p, const P* c, f
             src(p + xb, sc.at(2), L), dst(m + xb, sc.at(0), L), dst(p + xb, sc.at(2), L), sc.at(4), sc.at(5),
             nullptr, nullptr, nullptr, nullptr, nullptr, 0};
     const char* ahead[kMaxRank + 4];
-    if (later) {  // as far into the later block as this chunk is into this one
-      for (int i = 0; i < later->count; ++i) ahead[i] = xb < later->span ? later->p[i] + xb * later->size[i] : nullptr;
-      a.ahead = ahead;
-      a.ahead_size = later->size;
-    }
+    const int nahead = later ? later->at(xb, ahead) : 0;
+    a.ahead = ahead;
+    a.ahead_size = later ? later->size : nullptr;
     for (int j0 = 0; j0 < n; j0 += kGroup) {
-      a.nahead = later && j0 == 0 && xb < later->span ? later->count : 0;
+      a.nahead = j0 == 0 ? nahead : 0;  // the first sweep prefetches
       const int nj = n - j0 < kGroup ? n - j0 : kGroup;
       for (int j = 0; j < nj; ++j) {
         S* Uj = U + (j0 + j) * b.ustride + xb;
