@@ -63,7 +63,8 @@ int64_t step_blocks(int n, const std::vector<StepBlock>& blocks, int from, int t
   // passes keep memory busy (all of them from pass 2: 4% slower; docs/performance.md 22).
   Ahead later[kBatch];
   auto ahead_of = [&](int next, Ahead& first, Ahead& second) {
-    first = second = Ahead{};
+    first.count = second.count = 0;  // not Ahead{}: that clears the whole arrays, per row
+    first.span = second.span = 0;
     if (next >= to || !steps(blocks[next].tensor)) return;
     const StepBlock& nb = blocks[next];
     const RowBlock<S, P> r(n, row(nb.tensor), nb.b, refreshes(nb.tensor));
