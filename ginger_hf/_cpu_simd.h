@@ -27,21 +27,15 @@ inline double hsum(vd v) {
   double s = 0; for (int i = 0; i < W / 2; ++i) s += t[i];
   return s;
 }
-// Squares of a float vector summed in double: exact products, no overflow for any finite float.
-// The halves of a float vector, widened to double. A shuffle, not a copy through memory: a 64-byte store read
-// back as two 32-byte loads stalls store-to-load forwarding, in the passes' inner loops.
+// The halves of a float vector, widened to double.
 inline void halves(vf v, vd& lo, vd& hi) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  lo = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7), vd);
-  hi = __builtin_convertvector(__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15), vd);
-#else
   vf8 a, b;
   std::memcpy(&a, &v, sizeof a);
   std::memcpy(&b, (const char*)&v + sizeof a, sizeof b);
   lo = __builtin_convertvector(a, vd);
   hi = __builtin_convertvector(b, vd);
-#endif
 }
+// Squares of a float vector summed in double: exact products, no overflow for any finite float.
 inline vd sq2(vf a, vf b) {
   vd x0, x1, y0, y1;
   halves(a, x0, x1);
