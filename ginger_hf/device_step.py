@@ -18,8 +18,9 @@ larger tensors and CPU tensors run alone), in bounded chunks (eager) or as whole
 
 Precision: the small problems run in float64 on every device, the precision the dense-reference tests
 hold them to. They cost O(B n^3) per refresh (by count, some 4 GFLOP for T5-small's 99,808 row blocks
-at tau 4, most of it the Jacobi sweeps): little on a data-centre GPU; at a consumer GPU's 1/64-rate
-float64 it may show, which ``scripts/gpu_check.sh`` is there to measure (not yet run on a GPU).
+at tau 4, most of it the Jacobi sweeps): little on a data-centre GPU (an H200 runs a refresh's whole
+CUDA work in about 43 ms, memory- and launch-bound; ``docs/performance.md`` 28); at a consumer GPU's
+1/64-rate float64 it may show (not measured).
 float32 would lose the in-span test's resolution (``solve.in_span_tolerance``: 1e-7 of ``|c|``).
 
 With ``stats`` (opt-in), the step's sums come to the host at the end: that reads the device (a sync).
@@ -80,15 +81,18 @@ def _copy(dests, values) -> None:
 
 
 def _pass1_rows(U: Tensor, m: Tensor, g: Tensor, c: Tensor | None, w1: float) -> tuple[Tensor, ...]:
-    """Pass 1's sums (``_SUMS``) of blocks ``(B, k)``, float64; reads only."""
+    """Pass 1's sums (``_SUMS``) of blocks ``(B, k)``, float64; reads only.
+
+    ``U . x`` is a broadcast product and a sum, not a batched GEMV: on an H200 that is 2.6x faster over a
+    ``4 x 8192 x 512`` float32 ``U`` (``docs/performance.md``, 28), and a keep step casts no copy of ``U``."""
     mv = torch.lerp(m, g.to(m.dtype), w1).double()
-    Ud, gd = U.double(), g.double()
-    um, mm, gg = torch.einsum("ibk,bk->bi", Ud, mv), (mv * mv).sum(-1), (gd * gd).sum(-1)
+    gd = g.double()
+    um, mm, gg = (U * mv).sum(-1).T, (mv * mv).sum(-1), (gd * gd).sum(-1)
     if c is None:
         return um, mm, gg
-    cd = c.double()
-    return (um, mm, gg, torch.einsum("ibk,jbk->bij", Ud, Ud), torch.einsum("ibk,bk->bi", Ud, cd),
-            (cd * cd).sum(-1), (cd * mv).sum(-1))
+    Ud, cd = U.double(), c.double()
+    return (um, mm, gg, torch.einsum("ibk,jbk->bij", Ud, Ud), (U * cd).sum(-1).T, (cd * cd).sum(-1),
+            (cd * mv).sum(-1))
 
 
 def _pass2_rows(U: Tensor, m: Tensor, g: Tensor, p: Tensor, c: Tensor | None, w1: float, ok: Tensor,
@@ -137,7 +141,8 @@ def _run_compiled(fn, *args):
         return _compiled[fn.__name__](*args)
     except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as exc:  # before any write
         _compile_failed = True
-        warnings.warn(f"ginger_hf: torch.compile of the Ginger passes failed ({type(exc).__name__}); "
+        last = " | ".join([line.strip() for line in str(exc).splitlines() if line.strip()][-3:])[-400:]
+        warnings.warn(f"ginger_hf: torch.compile of the Ginger passes failed ({type(exc).__name__}: {last}); "
                       "using eager torch passes")
         return NotImplemented
 

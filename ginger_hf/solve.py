@@ -172,9 +172,15 @@ def _col(x: Tensor) -> Tensor:
     return x.unsqueeze(-1)
 
 
+def _mm(A: Tensor, B: Tensor) -> Tensor:
+    """Batched product of small matrices, as a broadcast product and a sum: two memory-bound kernels. A batched GEMM
+    runs one 32x32 tile per 5x5 product on a GPU (about 180 us a call over T5-small's 100k blocks on an H200)."""
+    return (A.unsqueeze(-1) * B.unsqueeze(-3)).sum(-2)
+
+
 def _mv(A: Tensor, x: Tensor) -> Tensor:
-    """Batched matrix-vector product."""
-    return (A @ x.unsqueeze(-1)).squeeze(-1)
+    """Batched matrix-vector product (see ``_mm``)."""
+    return (A * x.unsqueeze(-2)).sum(-1)
 
 
 def _sym(G: Tensor) -> Tensor:
@@ -201,9 +207,9 @@ def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
     Y, Z = G / norm, eye.expand_as(G)
     for i in range(12):
         if i == 4:
-            done = ((Z @ (G / norm) @ Z) - eye).abs().amax((-2, -1), keepdim=True) <= 1e-12
-        T = 1.5 * eye - 0.5 * (Z @ Y)
-        Y, Z = (Y @ T, T @ Z) if i < 4 else (torch.where(done, Y, Y @ T), torch.where(done, Z, T @ Z))
+            done = (_mm(_mm(Z, G / norm), Z) - eye).abs().amax((-2, -1), keepdim=True) <= 1e-12
+        T = 1.5 * eye - 0.5 * _mm(Z, Y)
+        Y, Z = (_mm(Y, T), _mm(T, Z)) if i < 4 else (torch.where(done, Y, _mm(Y, T)), torch.where(done, Z, _mm(T, Z)))
     root = norm.sqrt()
     return Z / root, Y * root
 
@@ -251,8 +257,8 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     uc, um = layout.view(stats, "uc"), layout.view(stats, "um")
     cc, cm = layout.view(stats, "cc"), layout.view(stats, "cm")
     k = _mv(W, uc)  # c in the orthonormal basis W U
-    RB = bl.R @ Wi  # the eigenbasis in W U: orthogonal up to rounding, made exactly so
-    RB = RB @ _inverse_sqrt(RB.mT @ RB)[0]
+    RB = _mm(bl.R, Wi)  # the eigenbasis in W U: orthogonal up to rounding, made exactly so
+    RB = _mm(RB, _inverse_sqrt(_mm(RB.mT, RB))[0])
     r = (cc - (k * k).sum(-1)).clamp_min(0).sqrt()
     rotate = r > bl.tolerance * cc.sqrt()
     r = torch.where(rotate, r, torch.zeros_like(r))
@@ -270,8 +276,8 @@ def solve_refresh(bl: Blocks, layout: StatsLayout, stats: Tensor) -> dict[str, T
     H = torch.eye(n + 1, dtype=torch.float64, device=K.device) - 2 * _col(v) * v.unsqueeze(1) / _col(_col(vv))
     Q = H.narrow(1, 0, n)  # orthonormal basis of e_drop's complement, in coordinates (W U, residual)
     C = V.narrow(2, 1, n).mT  # the new eigenbasis in coordinates (old eigenbasis, residual) ...
-    C = torch.cat([C.narrow(2, 0, n) @ RB, C.narrow(2, n, 1)], 2)  # ... and in (W U, residual)
-    R_new = (C @ Q.mT) @ W
+    C = torch.cat([_mm(C.narrow(2, 0, n), RB), C.narrow(2, n, 1)], 2)  # ... and in (W U, residual)
+    R_new = _mm(_mm(C, Q.mT), W)
     v_head, v_last = v.narrow(1, 0, n), v.narrow(1, n, 1)
     beta = 2 * v_head / _col(vv)
     safe_r = torch.where(rotate, r, torch.ones_like(r))

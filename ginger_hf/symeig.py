@@ -3,9 +3,9 @@
 ``torch.linalg.eigh`` checks its LAPACK/cuSOLVER status on CUDA (a synchronisation: there is no
 ``eigh_ex``), and per-matrix solver launches do not batch well for thousands of 5x5 problems.
 Cyclic Jacobi does: each round rotates disjoint index pairs of every matrix at once (a
-round-robin "tournament" ordering), as two batched products with a rotation matrix assembled
-from constant one-hot patterns, so the work is a fixed sequence of dense batched ops, the same
-on every device, with no data-dependent branch (a pair already zero rotates by the identity).
+round-robin "tournament" ordering), as gathers and elementwise products (``eigh``), so the work is a
+fixed sequence of batched ops, the same on every device, with no data-dependent branch (a pair
+already zero rotates by the identity).
 Jacobi is accurate to a few ulps of ``|A|`` per eigenvalue; a fixed number of sweeps suffices
 because convergence is quadratic once the off-diagonal part is small (``SWEEPS`` is chosen by
 ``tests/test_device_step.py::test_jacobi_eigh_matches_lapack`` on random, tied and deflated problems
@@ -38,31 +38,40 @@ def _rounds(size: int, device) -> list[tuple[Tensor, Tensor]]:
     return rounds
 
 
-def _patterns(size: int, P: Tensor, Q: Tensor, dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Flat indices of ``A[p, q]``, and the one-hot patterns of a round's rotation: diagonal and skew parts."""
-    eye = torch.eye(size, dtype=dtype, device=P.device)
-    Ep, Eq = eye.index_select(0, P), eye.index_select(0, Q)
-    outer = lambda x, y: x.unsqueeze(-1) * y.unsqueeze(-2)  # noqa: E731
-    return P * size + Q, outer(Ep, Ep) + outer(Eq, Eq), outer(Ep, Eq) - outer(Eq, Ep)
+def _plan(size: int, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A round's indices: ``A[p, q]``'s flat index, each index's partner (itself for a bye), and each index's slot
+    in ``[c | c | 1]`` and ``[-s | s | 0]``, the rows of which the rotation's coefficients are gathered."""
+    pairs = torch.arange(P.numel(), device=P.device)
+    index = torch.arange(size, device=P.device)
+    partner = index.index_copy(0, P, Q).index_copy(0, Q, P)
+    slot = torch.full_like(index, 2 * P.numel()).index_copy(0, P, pairs).index_copy(0, Q, pairs + P.numel())
+    return P * size + Q, torch.cat([P, Q]), partner, slot
 
 
 def eigh(A: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
-    """``(lam, V)`` of symmetric ``A`` ``(..., N, N)``: ascending eigenvalues and orthonormal eigenvectors (columns)."""
+    """``(lam, V)`` of symmetric ``A`` ``(..., N, N)``: ascending eigenvalues and orthonormal eigenvectors (columns).
+
+    A rotation of the pairs ``(p, q)`` by ``J`` (``J[p, p] = J[q, q] = c``, ``J[p, q] = -J[q, p] = s``) mixes only rows
+    and columns ``p`` and ``q``: ``(J^T A)[p] = c A[p] - s A[q]`` and ``(J^T A)[q] = s A[p] + c A[q]``, and likewise the
+    columns of ``A J`` and ``V J``. So each round is a gather of the partners' rows (then columns) and two
+    elementwise products, not a matrix product: on a GPU a batched GEMM of 5x5 matrices runs one 32x32 tile each."""
     size = A.shape[-1]
-    eye = torch.eye(size, dtype=A.dtype, device=A.device)
-    V = eye.expand_as(A).clone()
-    rounds = [(P, Q, *_patterns(size, P, Q, A.dtype)) for P, Q in _rounds(size, A.device)] if size > 1 else []
+    V = torch.eye(size, dtype=A.dtype, device=A.device).expand_as(A).clone()
+    plans = [_plan(size, P, Q) for P, Q in _rounds(size, A.device)] if size > 1 else []
     for _ in range(SWEEPS if sweeps is None else sweeps):
-        for P, Q, pq, diag, skew in rounds:
-            d = torch.diagonal(A, dim1=-2, dim2=-1)
-            app, aqq, apq = d.index_select(-1, P), d.index_select(-1, Q), A.flatten(-2).index_select(-1, pq)
+        for pq, both, partner, slot in plans:
+            app, aqq = torch.diagonal(A, dim1=-2, dim2=-1).index_select(-1, both).chunk(2, -1)
+            apq = A.flatten(-2).index_select(-1, pq)
             nonzero = apq != 0
             theta = (aqq - app) / (2 * torch.where(nonzero, apq, 1.0))
             t = torch.where(theta >= 0, 1.0, -1.0) / (theta.abs() + torch.sqrt(1 + theta * theta))
             t = torch.where(nonzero, t, 0.0)  # theta is inf/nan where apq = 0: no rotation
             c = torch.rsqrt(1 + t * t)
-            J = eye + torch.einsum("...r,rij->...ij", c - 1, diag) + torch.einsum("...r,rij->...ij", t * c, skew)
-            A = J.mT @ A @ J
-            V = V @ J
+            s, bye = t * c, torch.ones_like(c.narrow(-1, 0, 1))
+            cv = torch.cat([c, c, bye], -1).index_select(-1, slot)
+            sv = torch.cat([-s, s, bye - 1], -1).index_select(-1, slot)
+            A = cv.unsqueeze(-1) * A + sv.unsqueeze(-1) * A.index_select(-2, partner)
+            A = A * cv.unsqueeze(-2) + A.index_select(-1, partner) * sv.unsqueeze(-2)
+            V = V * cv.unsqueeze(-2) + V.index_select(-1, partner) * sv.unsqueeze(-2)
     lam, order = torch.diagonal(A, dim1=-2, dim2=-1).sort(-1)
     return lam, torch.take_along_dim(V, order.unsqueeze(-2), -1)

@@ -55,12 +55,11 @@ class Case:
     ``curvature_interval`` set to ``interval``: ``REFRESH`` times refresh steps only, ``KEEP`` keep steps only."""
 
     def __init__(self, shapes, make_opt, curvature="fresh", seed=0, interval=REFRESH, device="cpu"):
-        gen = torch.Generator().manual_seed(seed)
         self.device = torch.device(device)
-        self.params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(self.device)) for s in shapes]
+        self.gen = torch.Generator(self.device).manual_seed(seed)  # on a GPU, the inputs are drawn there
+        self.params = [torch.nn.Parameter(self.randn(s)) for s in shapes]
         self.opt = make_opt(self.params)
         self.curvature = curvature
-        self.gen = gen
         self.last = None
         ginger = isinstance(self.opt, Ginger)
         for group in self.opt.param_groups if ginger else ():
@@ -72,7 +71,7 @@ class Case:
             group["curvature_interval"] = interval
 
     def randn(self, shape):
-        return torch.randn(shape, generator=self.gen).to(self.device)
+        return torch.randn(shape, generator=self.gen, device=self.device)
 
     def feed(self, rule=None):
         rule = rule or self.curvature
@@ -199,6 +198,10 @@ def main(argv=None):
             "ginger paper, refresh": Case(shapes, ginger(preset="paper"), interval=REFRESH, device=dev),
             "ginger paper, keep": Case(shapes, ginger(preset="paper"), interval=KEEP, device=dev),
         }
+        if dev != "cpu":  # off the CPU, the device step's passes compiled by torch.compile too
+            for step, interval in (("refresh", REFRESH), ("keep", KEEP)):
+                cases[f"ginger recommended, {step}, compile"] = Case(shapes, ginger(backend="compile"),
+                                                                     interval=interval, device=dev)
         launches = {name: case.launches() for name, case in cases.items()}
         foreach = Case(shapes, lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), device=dev)
         launches["adamw foreach (not timed)"] = foreach.launches()

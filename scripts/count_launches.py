@@ -57,10 +57,21 @@ def count(name: str, shapes, device: str, profile: bool) -> int:
     for p in params:
         p.grad = torch.randn(p.shape, device=device)
     if profile:  # a real GPU
+        opt.step()  # a second warm step; then one under CUDA's sync check: any host synchronisation raises
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+            print(f"{name}: a step ran under torch.cuda.set_sync_debug_mode('error'): no host synchronisation")
+        except RuntimeError as exc:
+            print(f"{name}: a step synchronised with the host: {str(exc).splitlines()[0]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             opt.step()
             torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     with CountOps() as counter:
         opt.step()
@@ -83,7 +94,7 @@ def main(argv=None):
         for name in ("adamw_foreach", "ginger_keep", "ginger_refresh"):
             rows[name] = count(name, shapes, device, profile=a.device == "cuda")
     for name, n in rows.items():
-        print(f"{name:16s} {n:8d}  {n / rows['adamw_foreach']:6.2f}x foreach AdamW")
+        print(f"{name:24s} {n:8d}  {n / rows['adamw_foreach']:6.2f}x foreach AdamW")
     return rows
 
 
