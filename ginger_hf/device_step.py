@@ -198,13 +198,14 @@ def _packs(views: list[TensorView], idx: list[int]) -> list[list[int]]:
     return packs + ([run] if run else [])
 
 
-def _packed(vs: list[TensorView]) -> TensorView:
-    """One view over a pack's tensors, their blocks one after the other (copies, unless the pack is one tensor)."""
+def _packed(vs: list[TensorView], writes: bool) -> TensorView:
+    """One view over a pack's tensors, their blocks one after the other (copies, unless the pack is one tensor).
+    Pass 1 (``writes=False``) reads no parameter: its pack has no ``p``."""
     if len(vs) == 1:
         return vs[0]
     cat = lambda name, dim=0: torch.cat([getattr(v, name) for v in vs], dim)  # noqa: E731
-    return TensorView(U=cat("U", 1), m=cat("m"), g=cat("g"), c=None if vs[0].c is None else cat("c"), p=cat("p"),
-                      backend=vs[0].backend)
+    return TensorView(U=cat("U", 1), m=cat("m"), g=cat("g"), c=None if vs[0].c is None else cat("c"),
+                      p=cat("p") if writes else None, backend=vs[0].backend)
 
 
 def _unpack(t: TensorView, vs: list[TensorView]) -> None:
@@ -329,7 +330,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
             sums[i] = part
         start = 0
         for pack in packs[key]:
-            t = _packed([views[i] for i in pack])
+            t = _packed([views[i] for i in pack], writes=False)
             _pass1(t, w1, layouts[key[0]], S.narrow(0, start, t.B), compiled)
             start += t.B
 
@@ -367,7 +368,7 @@ def _step(views, states, hypers, beta1, compiled, stats, spans, group, lengths, 
         start = 0
         for pack in packs[(n, fresh)]:
             vs = [views[i] for i in pack]
-            t = _packed(vs)
+            t = _packed(vs, writes=True)
             rows = lambda x: x.narrow(0, start, t.B)  # noqa: E731
             clipped += _pass2(t, w1, rows(C), rows(ok_b), rows(sel) if fresh else None, compiled)
             _unpack(t, vs)

@@ -53,7 +53,7 @@ class TensorView:
     m: Tensor
     g: Tensor
     c: Tensor | None
-    p: Tensor
+    p: Tensor | None  # None in a pack that only pass 1 reads (device_step._packed)
     backend: str
 
     @property

@@ -168,7 +168,7 @@ def packing_on_cpu(monkeypatch):
     monkeypatch.setattr(device_step, "_PACK_TOTAL", 64)
     seen = []
     packed = device_step._packed
-    monkeypatch.setattr(device_step, "_packed", lambda vs: seen.append(len(vs)) or packed(vs))
+    monkeypatch.setattr(device_step, "_packed", lambda vs, writes: seen.append(len(vs)) or packed(vs, writes))
     return seen
 
 
