@@ -38,14 +38,15 @@ def _rounds(size: int, device) -> list[tuple[Tensor, Tensor]]:
     return rounds
 
 
-def _plan(size: int, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A round's indices: ``A[p, q]``'s flat index, each index's partner (itself for a bye), and each index's slot
-    in ``[c | c | 1]`` and ``[-s | s | 0]``, the rows of which the rotation's coefficients are gathered."""
+def _plan(size: int, P: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A round's indices: the flat indices of ``A[p, p]``, ``A[q, q]`` and ``A[p, q]``, each index's partner (itself
+    for a bye), and each index's slot in ``[c | c | 1]`` and ``[-s | s | 0]``, the rows of which the rotation's
+    coefficients are gathered."""
     pairs = torch.arange(P.numel(), device=P.device)
     index = torch.arange(size, device=P.device)
     partner = index.index_copy(0, P, Q).index_copy(0, Q, P)
     slot = torch.full_like(index, 2 * P.numel()).index_copy(0, P, pairs).index_copy(0, Q, pairs + P.numel())
-    return P * size + Q, torch.cat([P, Q]), partner, slot
+    return torch.cat([P * (size + 1), Q * (size + 1), P * size + Q]), partner, slot
 
 
 def eigh(A: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
@@ -58,20 +59,21 @@ def eigh(A: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     size = A.shape[-1]
     V = torch.eye(size, dtype=A.dtype, device=A.device).expand_as(A).clone()
     plans = [_plan(size, P, Q) for P, Q in _rounds(size, A.device)] if size > 1 else []
+    one = torch.ones(*A.shape[:-2], 1, dtype=A.dtype, device=A.device)  # a bye's c, and (zero) its s
+    zero = torch.zeros_like(one)
     for _ in range(SWEEPS if sweeps is None else sweeps):
-        for pq, both, partner, slot in plans:
-            app, aqq = torch.diagonal(A, dim1=-2, dim2=-1).index_select(-1, both).chunk(2, -1)
-            apq = A.flatten(-2).index_select(-1, pq)
+        for at, partner, slot in plans:
+            app, aqq, apq = A.flatten(-2).index_select(-1, at).chunk(3, -1)
             nonzero = apq != 0
             theta = (aqq - app) / (2 * torch.where(nonzero, apq, 1.0))
             t = torch.where(theta >= 0, 1.0, -1.0) / (theta.abs() + torch.sqrt(1 + theta * theta))
             t = torch.where(nonzero, t, 0.0)  # theta is inf/nan where apq = 0: no rotation
             c = torch.rsqrt(1 + t * t)
-            s, bye = t * c, torch.ones_like(c.narrow(-1, 0, 1))
-            cv = torch.cat([c, c, bye], -1).index_select(-1, slot)
-            sv = torch.cat([-s, s, bye - 1], -1).index_select(-1, slot)
-            A = cv.unsqueeze(-1) * A + sv.unsqueeze(-1) * A.index_select(-2, partner)
-            A = A * cv.unsqueeze(-2) + A.index_select(-1, partner) * sv.unsqueeze(-2)
-            V = V * cv.unsqueeze(-2) + V.index_select(-1, partner) * sv.unsqueeze(-2)
+            s = t * c
+            cv = torch.cat([c, c, one], -1).index_select(-1, slot)
+            sv = torch.cat([-s, s, zero], -1).index_select(-1, slot)
+            A = torch.addcmul(cv.unsqueeze(-1) * A, sv.unsqueeze(-1), A.index_select(-2, partner))
+            A = torch.addcmul(A * cv.unsqueeze(-2), A.index_select(-1, partner), sv.unsqueeze(-2))
+            V = torch.addcmul(V * cv.unsqueeze(-2), V.index_select(-1, partner), sv.unsqueeze(-2))
     lam, order = torch.diagonal(A, dim1=-2, dim2=-1).sort(-1)
     return lam, torch.take_along_dim(V, order.unsqueeze(-2), -1)
