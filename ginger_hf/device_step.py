@@ -229,7 +229,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
     the step's table of about 2,000). On CPU the host tensor is the table."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
-    if device.type == "cuda" and torch.cuda.is_available():
+    if device.type == "cuda" and torch.cuda.is_available() and torch._guards.detect_fake_mode() is None:
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
     rows = bool(values) and isinstance(values[0], (list, tuple))
     flat = [x for row in values for x in row] if rows else list(values)
