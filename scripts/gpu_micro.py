@@ -45,7 +45,7 @@ def main() -> None:
     print("small problems: 100000 x 5 x 5 float64")
     bench("batched GEMM A @ A (before)", lambda: A @ A)
     bench("broadcast product and sum (solve._mm)", lambda: (A.unsqueeze(-1) * A.unsqueeze(-3)).sum(-2))
-    bench("symeig.eigh (8 sweeps)", lambda: symeig.eigh(A), reps=5)
+    bench(f"symeig.eigh ({symeig.sweeps(5)} sweeps)", lambda: symeig.eigh(A), reps=5)
     try:
         bench("torch.linalg.eigh (synchronises)", lambda: torch.linalg.eigh(A), reps=5)
     except RuntimeError as exc:

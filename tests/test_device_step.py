@@ -212,17 +212,24 @@ def test_counters_round_trip_through_a_checkpoint_between_paths():
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 11])
-@pytest.mark.parametrize("kind", ["random", "diagonal plus rank one", "tied", "pinned"])
+@pytest.mark.parametrize("kind", ["random", "diagonal plus rank one", "tied", "pinned", "graded refresh"])
 def test_jacobi_eigh_matches_lapack(size, kind):
     """``symeig.eigh`` (fixed sweeps, no host sync) against ``torch.linalg.eigh``, on the small problems a refresh
-    meets: diagonal plus rank one with tiny components (deflation), all-equal eigenvalues (a fresh state), and the
-    in-span case whose residual slot is pinned at -1."""
+    meets: diagonal plus rank one with tiny components (deflation), all-equal eigenvalues (a fresh state), the
+    in-span case whose residual slot is pinned at -1, and a refresh's ``K`` whose old eigenvalues span twelve
+    decades (the slowest to converge of the families measured for ``symeig.sweeps``)."""
     gen = torch.Generator().manual_seed(size)
     N = 300
     z = torch.randn(N, size, generator=gen, dtype=torch.float64)
     if kind == "random":
         A = torch.randn(N, size, size, generator=gen, dtype=torch.float64)
         A = A + A.mT
+    elif kind == "graded refresh":
+        N = 20000
+        s = torch.rand(N, size, generator=gen, dtype=torch.float64) * 10 ** (-12 * torch.rand(N, size, generator=gen))
+        s[:, -1] = 0
+        z = torch.randn(N, size, generator=gen, dtype=torch.float64) * 10 ** (4 * torch.rand(N, 1, generator=gen) - 2)
+        A = torch.diag_embed(0.99 * s) + 0.01 * z[:, :, None] * z[:, None, :]
     else:
         d = torch.rand(N, size, generator=gen, dtype=torch.float64) * (kind != "tied")
         if kind == "pinned":
