@@ -16,6 +16,6 @@ def test_gpu_check_dry_run_passes(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for step in ("tests", "count_launches.py", "bench_train.py", "gpu_check done"):
+    for step in ("tests", "count_launches.py", "bench_train.py", "symeig.eigh", "gpu_check done"):
         assert step in done.stdout, step
     assert "ginger" in done.stdout.split("bench_train.py, bf16")[1]
