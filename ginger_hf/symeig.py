@@ -9,7 +9,7 @@ already zero rotates by the identity).
 Jacobi is accurate to a few ulps of ``|A|`` per eigenvalue; a fixed number of sweeps suffices
 because convergence is quadratic once the off-diagonal part is small. How many grows with the size:
 ``sweeps`` gives at least one more than the most that any measured refresh-shaped problem needed
-(``docs/performance.md`` 34; ``tests/test_device_step.py::test_jacobi_eigh_matches_lapack`` checks it).
+(``docs/performance.md`` 35; ``tests/test_device_step.py::test_jacobi_eigh_matches_lapack`` checks it).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["eigh", "sweeps"]
 
 def sweeps(size: int) -> int:
     """Sweeps to float64 rounding for ``size x size`` problems, at least one to spare. The most that refresh-shaped
-    ``K`` needed (old eigenvalues spanning up to twelve decades; ``docs/performance.md`` 34): size 3 needs 4, 5 needs
+    ``K`` needed (old eigenvalues spanning up to twelve decades; ``docs/performance.md`` 35): size 3 needs 4, 5 needs
     6, 7 needs 7, 9-13 need 9, 17 needs 10, 33 needs 13, 65 needs 15: ``size + 1`` while small, then a logarithmic
     growth."""
     return min(size + 2, 9 + math.ceil(math.log2(max(size, 2))))
@@ -59,12 +59,13 @@ def _rotate_rows(M: Tensor, c: Tensor, s: Tensor, partner: Tensor, out: Tensor |
     return torch.addcmul(c.unsqueeze(-1) * M, s.unsqueeze(-1), M.index_select(-2, partner), out=out)
 
 
-_CPU_PIECE = 4096  # matrices per piece on CPU, where a piece's ops then run in cache (docs/performance.md 34)
+_CPU_PIECE = 4096  # matrices per piece on CPU, where a piece's ops then run in cache (docs/performance.md 36)
 
 
 def eigh(A: Tensor, n_sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """``(lam, V)`` of symmetric ``A`` ``(..., N, N)``: ascending eigenvalues and orthonormal eigenvectors (columns).
-    On CPU, in pieces of ``_CPU_PIECE`` matrices: 100,000 5x5 problems at once ran 3.4x slower than in pieces."""
+    On CPU, in pieces of ``_CPU_PIECE`` matrices: 100,000 5x5 problems at once ran about 3.5x slower than in pieces.
+    ``n_sweeps`` overrides ``sweeps(N)`` (for measuring how many are needed)."""
     batch = math.prod(A.shape[:-2])
     if A.device.type != "cpu" or batch <= _CPU_PIECE:
         return _eigh(A, n_sweeps)
