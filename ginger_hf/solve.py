@@ -204,10 +204,11 @@ def _inverse_sqrt(G: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(n, dtype=G.dtype, device=G.device)
     near = (G - eye).abs().sum(-1).amax(-1) < 0.5
     norm = torch.where(near, 1.0, G.abs().sum(-1).amax(-1)).unsqueeze(-1).unsqueeze(-1)
-    Y, Z = G / norm, eye.expand_as(G)
+    Y = scaled = G / norm
+    Z = eye.expand_as(G)
     for i in range(12):
         if i == 4:
-            done = (_mm(_mm(Z, G / norm), Z) - eye).abs().amax((-2, -1), keepdim=True) <= 1e-12
+            done = (_mm(_mm(Z, scaled), Z) - eye).abs().amax((-2, -1), keepdim=True) <= 1e-12
         T = 1.5 * eye - 0.5 * _mm(Z, Y)
         Y, Z = (_mm(Y, T), _mm(T, Z)) if i < 4 else (torch.where(done, Y, _mm(Y, T)), torch.where(done, Z, _mm(T, Z)))
     root = norm.sqrt()

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import t5_small_shapes  # noqa: E402
 
-from ginger_hf import Ginger  # noqa: E402
+from ginger_hf import Ginger, symeig  # noqa: E402
 
 TINY = [(64, 32), (32, 64), (32,), (100, 32)]
 
@@ -96,6 +96,12 @@ def main(argv=None):
             rows[name] = count(name, shapes, device, profile=a.device == "cuda")
     for name, n in rows.items():
         print(f"{name:24s} {n:8d}  {n / rows['adamw_foreach']:6.2f}x foreach AdamW")
+    if a.device != "cuda":  # the refresh's fixed share, whatever the number of tensors
+        with mode:
+            K = torch.zeros(64, 5, 5, dtype=torch.float64, device=device)
+            with CountOps() as counter:
+                symeig.eigh(K)
+        print(f"of which the Jacobi eigen-solve at tau 4 (5 x 5): {sum(counter.ops.values())}")
     return rows
 
 

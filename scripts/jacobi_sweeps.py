@@ -54,10 +54,13 @@ def main() -> None:
             for s_decades in (0, 4, 12):
                 for z_decades in (0, 6):
                     A = refresh_problems(size, args.problems, beta2, s_decades, z_decades, gen)
+                    before = float("inf")
                     for n in range(1, args.max_sweeps + 1):
-                        worst[n] = max(worst.get(n, 0.0), worst_error(A, n))
-                        if worst[n] <= 1 and n > 1 and worst_error(A, n + 1) <= 1:
-                            break  # converged for this family: later sweeps stay at rounding
+                        error = worst_error(A, n)
+                        worst[n] = max(worst.get(n, 0.0), error)
+                        if before <= 1 and error <= 1:
+                            break  # converged for this family two sweeps running: later ones stay at rounding
+                        before = error
         need = min((n for n, e in worst.items() if e <= 1), default=None)
         shown = {n: f"{e:.1g}" for n, e in sorted(worst.items()) if need is None or abs(n - need) <= 2}
         print(f"size {size}: needs {need} sweeps (symeig.sweeps gives {symeig.sweeps(size)}); worst error / tolerance "
